@@ -1,0 +1,232 @@
+"""
+Datasets held whole in memory as uint8 tensors on the training device: at most 180 MB, so every epoch is
+a permutation of indices and every batch a gather, with no DataLoader workers and no PIL.
+Normalisation and augmentation run batch-wise on the device.
+"""
+
+import gzip
+import math
+import os
+import pickle
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# one entry per dataset; adding a dataset is adding an entry (and, for a new file format, a reader).
+# foreground: whether dark-background "ink" patches are meaningful, i.e. whether attention focus is measured
+DATASETS = {
+    'mnist': dict(
+        folder='MNIST/raw', format='idx', shape=(1, 28, 28), num_classes=10, num_val=5000,
+        mean=(0.1307,), std=(0.3081,), torchvision_class='MNIST', foreground=True,
+        train=('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+        test=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
+    'fashionmnist': dict(
+        folder='FashionMNIST/raw', format='idx', shape=(1, 28, 28), num_classes=10, num_val=5000,
+        mean=(0.5,), std=(0.5,), torchvision_class='FashionMNIST', foreground=True,
+        train=('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+        test=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
+    'cifar10': dict(
+        folder='cifar-10-batches-py', format='cifar', shape=(3, 32, 32), num_classes=10, num_val=5000,
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), torchvision_class='CIFAR10', foreground=False,
+        train=tuple(f'data_batch_{i}' for i in range(1, 6)), test=('test_batch',)),
+}
+SPLIT_SEED = 42  # the train/val split is the same for every run and every seed
+# a patch is foreground ("ink") when its raw mean pixel value exceeds this fraction of 255; used by the
+# attention-focus measure on MNIST and FashionMNIST (black backgrounds, bright objects)
+FOREGROUND_THRESHOLD = 0.1
+
+
+def read_idx(path):
+    with open(path, 'rb') as f:
+        raw = f.read()
+    if path.endswith('.gz'):
+        raw = gzip.decompress(raw)
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if raw[2] != 0x08 or data.size != math.prod(dims):
+        raise ValueError(f"{path} is not a uint8 IDX file of shape {dims} (truncated or corrupt?)")
+    return torch.from_numpy(data.reshape(dims).copy())
+
+
+def read_cifar_batch(path):
+    with open(path, 'rb') as f:
+        batch = pickle.load(f, encoding='latin1')
+    images = torch.from_numpy(np.asarray(batch['data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
+    return images, torch.tensor(batch['labels'], dtype=torch.int64)
+
+
+def read_split(spec, root, files):
+    if spec['format'] == 'idx':
+        images, labels = read_idx(os.path.join(root, files[0])), read_idx(os.path.join(root, files[1]))
+        images, labels = images.unsqueeze(1), labels.long()
+    else:
+        images, labels = zip(*[read_cifar_batch(os.path.join(root, f)) for f in files])
+        images, labels = torch.cat(images), torch.cat(labels)
+    if images.shape[1:] != spec['shape'] or len(images) != len(labels):
+        raise ValueError(f"{root}: images of shape {tuple(images.shape)} with {len(labels)} labels, "
+                         f"expected (N, {', '.join(map(str, spec['shape']))}) with N labels")
+    return images, labels
+
+
+def download(name, data_dir):
+    """Fetches the dataset with torchvision's checksummed downloader, into the layout read_split expects."""
+    import torchvision
+    getattr(torchvision.datasets, DATASETS[name]['torchvision_class'])(data_dir, train=True, download=True)
+
+
+def load_dataset(name, data_dir, device='cpu'):
+    """Returns {'train': (x, y), 'val': (x, y), 'test': (x, y)}: uint8 images (N, C, H, W), int64 labels."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    root = os.path.join(data_dir, spec['folder'])
+    expected = spec['train'] + spec['test']
+    if not all(os.path.exists(os.path.join(root, f)) for f in expected):
+        try:
+            download(name, data_dir)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"{name} is not in {root}/ (expected files: {', '.join(expected)}) and downloading it failed "
+                f"({type(e).__name__}: {e}). Put the files there, or point --data_dir at a folder that has "
+                f"them, or run once with network access.") from None
+    x_train, y_train = read_split(spec, root, spec['train'])
+    x_test, y_test = read_split(spec, root, spec['test'])
+    perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    train_idx, val_idx = perm[:len(x_train) - spec['num_val']], perm[len(x_train) - spec['num_val']:]
+    splits = {'train': (x_train[train_idx], y_train[train_idx]),
+              'val': (x_train[val_idx], y_train[val_idx]),
+              'test': (x_test, y_test)}
+    return {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
+
+
+def normalize(x, name):
+    """uint8 (or float in [0, 1]) images -> float32 normalised with the dataset's mean and std."""
+    spec = DATASETS[name]
+    mean = torch.tensor(spec['mean'], device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec['std'], device=x.device).view(1, -1, 1, 1)
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    return (x - mean) / std
+
+
+def batches(n, batch_size, device='cpu', generator=None, rank=0, world_size=1, drop_last=False):
+    """Index tensors on the device covering range(n), shuffled when a generator is given; with
+    world_size > 1 each rank gets its own shard of the same permutation."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if drop_last:  # every rank then gets the same number of full batches
+        order = order[:n // (batch_size * world_size) * batch_size * world_size]
+    return order[rank::world_size].to(device).split(batch_size)
+
+
+def foreground_patches(x, patch_size):
+    """uint8 images (B, C, H, W) -> (B, num_patches) bool: patches whose mean pixel exceeds the threshold,
+    in the same row-major order as the patch embedding."""
+    means = F.avg_pool2d(x.float().mean(dim=1, keepdim=True), patch_size).flatten(1)
+    return means > FOREGROUND_THRESHOLD * 255
+
+
+# -----------------------------------------------------------------------------
+# training augmentation, batch-wise on the device; images are float in [0, 1]
+
+def random_crop(x, padding):
+    """Zero-pads by `padding` and crops back to size at a random offset per image."""
+    B, C, H, W = x.shape
+    x = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (B, 1), device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (B, 1), device=x.device)
+    rows = (dy + torch.arange(H, device=x.device))[:, None, :, None]
+    cols = (dx + torch.arange(W, device=x.device))[:, None, None, :]
+    return x[torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
+
+
+def random_flip(x):
+    flip = torch.rand(x.size(0), 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, x.flip(3), x)
+
+
+def grayscale(x):
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) if x.size(1) == 3 else x
+
+
+def blend(a, b, factor):
+    return (b + factor * (a - b)).clamp(0, 1)  # factor 1 -> a, 0 -> b, as PIL's ImageEnhance
+
+
+def autocontrast(x):
+    lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+    return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-5), x)
+
+
+def sharpen(x, factor):
+    kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype, device=x.device) / 13
+    smooth = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='replicate'), kernel.expand(x.size(1), 1, 3, 3), groups=x.size(1))
+    return blend(x, smooth, factor)
+
+
+def affine(x, theta):
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode='zeros')
+
+
+def rand_augment(x, num_ops=2, magnitude=10):
+    """
+    A batch-wise RandAugment (Cubuk et al. 2019) with torchvision's 31-bin magnitude scale: each image gets
+    `num_ops` ops drawn uniformly from 14 (identity, autocontrast, equalize-like contrast stretch, brightness,
+    color, contrast, sharpness, posterize, solarize, rotate, shear x/y, translate x/y), with random sign.
+    Every op is computed for the whole batch and selected per image with torch.where, so nothing syncs.
+    """
+    B, device = x.size(0), x.device
+    m = magnitude / 30
+    for _ in range(num_ops):
+        op = torch.randint(0, 14, (B, 1, 1, 1), device=device)
+        sign = torch.where(torch.rand(B, 1, 1, 1, device=device) < 0.5, -1.0, 1.0)
+        factor = 1 + sign * 0.9 * m
+        gray_mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+        bits = 8 - int(4 * m)
+        candidates = [
+            x,
+            autocontrast(x),
+            autocontrast(x).sqrt(),  # equalize stand-in: stretches and lifts dark tones
+            blend(x, torch.zeros_like(x), factor),  # brightness
+            blend(x, grayscale(x).expand_as(x), factor),  # color (saturation)
+            blend(x, gray_mean.expand_as(x), factor),  # contrast
+            sharpen(x, factor),
+            torch.floor(x * 255 / 2 ** (8 - bits)) * 2 ** (8 - bits) / 255,  # posterize
+            torch.where(x >= 1 - m, 1 - x, x),  # solarize
+        ]
+        # the geometric ops share one grid_sample: an identity matrix per image, changed where chosen
+        s = sign.view(B)
+        angle = s * math.radians(30 * m)
+        theta = torch.zeros(B, 2, 3, device=device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        o = op.view(B)
+        rot = o == 9
+        theta[:, 0, 0] = torch.where(rot, torch.cos(angle), theta[:, 0, 0])
+        theta[:, 0, 1] = torch.where(rot, -torch.sin(angle), 0.0)
+        theta[:, 1, 0] = torch.where(rot, torch.sin(angle), 0.0)
+        theta[:, 1, 1] = torch.where(rot, torch.cos(angle), theta[:, 1, 1])
+        theta[:, 0, 1] += torch.where(o == 10, s * 0.3 * m, 0.0)  # shear x
+        theta[:, 1, 0] += torch.where(o == 11, s * 0.3 * m, 0.0)  # shear y
+        shift = s * 2 * (150 / 331) * m  # torchvision translates by up to 150/331 of the size
+        theta[:, 0, 2] = torch.where(o == 12, shift, 0.0)
+        theta[:, 1, 2] = torch.where(o == 13, shift, 0.0)
+        geometric = affine(x, theta)
+        out = geometric
+        for i, candidate in enumerate(candidates):
+            out = torch.where(op == i, candidate, out)
+        x = out
+    return x
+
+
+AUGMENTATIONS = ('none', 'crop', 'randaugment')
+
+
+def augment_batch(x, policy):
+    """Training augmentation of float images in [0, 1]; policy is one of AUGMENTATIONS."""
+    if policy == 'crop':
+        return random_crop(x, 2)  # shifts of up to 2 pixels: digits and clothes must not be flipped
+    if policy == 'randaugment':
+        return rand_augment(random_flip(random_crop(x, 4)))
+    return x

@@ -1,0 +1,206 @@
+"""
+A compact Vision Transformer with two kinds of self-attention:
+1) classic multi-head attention (Vaswani et al. 2017, Dosovitskiy et al. 2020)
+2) Differential Attention (Ye et al. 2024, "Differential Transformer", arXiv 2410.05258),
+   as defined by the paper and the authors' reference code (microsoft/unilm, Diff-Transformer).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 28
+    in_channels: int = 1
+    num_classes: int = 10
+    patch_size: int = 4
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    mlp_dim: int = 128
+    dropout: float = 0.0
+    attention: str = 'diff'  # 'classic' or 'diff'
+
+    def __post_init__(self):
+        if self.attention not in ('classic', 'diff'):
+            raise ValueError(f"attention={self.attention!r}: must be 'classic' or 'diff'")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.attention == 'diff' and self.n_head % 2:
+            raise ValueError(f"n_head={self.n_head} is odd: differential attention pairs two classic heads "
+                             "into one differential head, so n_head must be even")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
+
+
+class PatchEmbed(nn.Module):
+    """Cuts the image into non-overlapping patches and projects each one to n_embd."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.proj = nn.Conv2d(config.in_channels, config.n_embd, config.patch_size, stride=config.patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, num_patches, n_embd)
+
+
+class Attention(nn.Module):
+    """Classic multi-head self-attention: softmax(Q Kᵀ / √d) V per head."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, return_attn=False):
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, d)
+        if return_attn:
+            att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), dim=-1)
+            y = att @ v
+        else:
+            att = None
+            y = F.scaled_dot_product_attention(q, k, v)  # fused kernel, never materialises the T x T map
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y), att
+
+
+def lambda_init_fn(layer_idx):
+    # the paper's schedule; layer_idx is 0-based, so the first layer starts at 0.2
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+
+
+class DiffAttention(nn.Module):
+    """
+    Differential attention. n_head counts classic heads; this layer has h = n_head // 2 differential heads.
+    Each splits its query and key into two groups of width d = n_embd // n_head and has a value of width 2d:
+        [Q1; Q2] = X Wq,  [K1; K2] = X Wk,  V = X Wv
+        A = softmax(Q1 K1ᵀ / √d) − λ softmax(Q2 K2ᵀ / √d)
+        λ = exp(λq1 · λk1) − exp(λq2 · λk2) + λ_init
+        head = (1 − λ_init) · RMSNorm(A V)
+    The projections have exactly the shapes of the classic layer's.
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head = config.n_head // 2
+        self.head_dim = config.n_embd // config.n_head  # d: width of one query/key group
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.lambda_init = lambda_init_fn(layer_idx)
+        self.lambda_q1 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
+        self.lambda_k1 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
+        self.lambda_q2 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
+        self.lambda_k2 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
+        self.subln = nn.RMSNorm(2 * self.head_dim, eps=1e-5)  # head-wise: normalises each head on its own
+
+    def lambda_full(self):
+        return (torch.exp(torch.dot(self.lambda_q1, self.lambda_k1))
+                - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2))
+                + self.lambda_init)
+
+    def forward(self, x, return_attn=False):
+        B, T, C = x.size()
+        h, d = self.n_head, self.head_dim
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q1, q2 = q.view(B, T, h, 2, d).permute(3, 0, 2, 1, 4)  # each (B, h, T, d)
+        k1, k2 = k.view(B, T, h, 2, d).permute(3, 0, 2, 1, 4)
+        v = v.view(B, T, h, 2 * d).transpose(1, 2)  # (B, h, T, 2d)
+        lam = self.lambda_full()
+        if return_attn:
+            att1 = torch.softmax(q1 @ k1.transpose(-2, -1) / math.sqrt(d), dim=-1)
+            att2 = torch.softmax(q2 @ k2.transpose(-2, -1) / math.sqrt(d), dim=-1)
+            att = att1 - lam * att2
+            y = att @ v
+        else:
+            att = None
+            # A V = softmax1 V − λ softmax2 V: two fused calls, no T x T map in memory
+            y = F.scaled_dot_product_attention(q1, k1, v) - lam * F.scaled_dot_product_attention(q2, k2, v)
+        y = self.subln(y) * (1 - self.lambda_init)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y), att
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.mlp_dim)
+        self.gelu = nn.GELU()
+        self.proj = nn.Linear(config.mlp_dim, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(self.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = (DiffAttention if config.attention == 'diff' else Attention)(config, layer_idx)
+        self.dropout = nn.Dropout(config.dropout)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, return_attn=False):
+        y, att = self.attn(self.ln_1(x), return_attn)
+        x = x + self.dropout(y)
+        x = x + self.mlp(self.ln_2(x))
+        return x, att
+
+
+class ViT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        num_patches = (config.image_size // config.patch_size) ** 2
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.n_embd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, config.n_embd))
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.num_classes)
+        self.apply(self._init_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x, return_attn=False):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1) + self.pos_embed
+        x = self.dropout(x)
+        maps = []
+        for block in self.blocks:
+            x, att = block(x, return_attn)
+            maps.append(att)
+        logits = self.head(self.ln_f(x)[:, 0])
+        return (logits, maps) if return_attn else logits
+
+
+def attention_focus(cls_attn, foreground):
+    """
+    Share of the CLS token's attention mass over patches that lands on foreground patches, per image.
+    cls_attn: (B, heads, P) one layer's CLS row without the CLS column; foreground: (B, P) bool.
+    Uses |weights| so that signed differential maps are measured on the same scale as softmax maps.
+    """
+    mass = cls_attn.abs().mean(dim=1)
+    return (mass * foreground).sum(dim=1) / mass.sum(dim=1)

@@ -1,0 +1,83 @@
+import os
+
+import pytest
+
+from conftest import ROOT, run_train, train_defaults
+from configurator import ConfigError, configure
+
+DEFAULTS = train_defaults()
+
+
+def test_override_with_good_values(tmp_path):
+    overrides = configure(DEFAULTS, ['--epochs=3', '--dataset=fashionmnist', "--attention='classic'",
+                                     '--learning_rate=1e-3', '--dropout=0', '--compile=True'])
+    assert overrides == dict(epochs=3, dataset='fashionmnist', attention='classic', learning_rate=1e-3,
+                             dropout=0.0, compile=True)
+    assert type(overrides['dropout']) is float
+
+
+def test_config_file_then_command_line(tmp_path):
+    path = tmp_path / 'c.py'
+    path.write_text("import math\nepochs = 7\nn_embd = 2 ** 5\n_helper = 1\n")
+    assert configure(DEFAULTS, [str(path), '--epochs=2']) == dict(epochs=2, n_embd=32)
+
+
+def test_unknown_key_names_key_and_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'epoch'; valid keys: .*epochs"):
+        configure(DEFAULTS, ['--epoch=3'])
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    path = tmp_path / 'c.py'
+    path.write_text("learnig_rate = 1e-3\n")
+    with pytest.raises(ConfigError, match="'learnig_rate'"):
+        configure(DEFAULTS, [str(path)])
+
+
+@pytest.mark.parametrize('arg', ['--epochs=3.5', '--epochs=ten', '--compile=1', '--learning_rate=True'])
+def test_wrong_type_names_key_and_type(arg):
+    key = arg[2:].split('=')[0]
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be a"):
+        configure(DEFAULTS, [arg])
+
+
+def test_values_are_never_executed(tmp_path):
+    marker = tmp_path / 'executed'
+    value = f"__import__('pathlib').Path('{marker}').touch()"
+    assert configure(DEFAULTS, [f'--run_name={value}']) == dict(run_name=value)
+    assert not marker.exists()
+
+
+def test_every_config_file_is_valid_and_variants_share_the_recipe():
+    for dataset in ('mnist', 'fashionmnist', 'cifar10'):
+        resolved = {v: {**DEFAULTS, **configure(DEFAULTS, [os.path.join(ROOT, 'config', f'{dataset}_{v}.py')])}
+                    for v in ('vit', 'balanced', 'diff')}
+        assert resolved['vit']['attention'] == resolved['balanced']['attention'] == 'classic'
+        assert resolved['diff']['attention'] == 'diff'
+        assert resolved['balanced']['n_head'] == 2 * resolved['vit']['n_head']
+        recipe = [{k: v for k, v in c.items() if k not in ('attention', 'n_head')} for c in resolved.values()]
+        assert recipe[0] == recipe[1] == recipe[2], dataset
+        assert recipe[0]['dataset'] == dataset
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--epoch=3'], "unknown config key 'epoch'"),
+    (['--epochs=3.5'], "config key 'epochs' must be a int"),
+    (['config/nope.py'], "config file 'config/nope.py' not found"),
+    (['--learning_rate=0'], 'learning_rate=0.0: must be > 0'),
+    (['--epochs=0'], 'epochs=0: must be >= 1'),
+    (['--batch_size=0'], 'batch_size=0: must be >= 1'),
+    (['--dropout=1.0'], 'dropout=1.0: must be in [0, 1)'),
+    (['--n_embd=63'], 'n_embd=63 is not divisible by n_head=2'),
+    (['--n_head=3', '--n_embd=48'], 'n_head=3 is odd'),
+    (['--patch_size=5'], 'image_size=28 is not divisible by patch_size=5'),
+    (['--dataset=svhn'], "unknown dataset 'svhn'; known: mnist, fashionmnist, cifar10"),
+    (['--attention=linear'], "attention='linear': must be 'classic' or 'diff'"),
+    (['--augment=mixup'], "augment='mixup': must be one of none, crop, randaugment"),
+])
+def test_bad_input_is_one_clear_error(args, message, tmp_path):
+    proc = run_train(*args, '--device=cpu', f'--data_dir={tmp_path}', f'--out_dir={tmp_path}', check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr  # one line, no traceback
+    assert message in proc.stderr

@@ -1,0 +1,189 @@
+import glob
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, train_defaults
+from configurator import configure
+from data import DATASETS
+from model import ViT, ViTConfig, attention_focus, lambda_init_fn
+
+
+def model_config_of(config_path):
+    c = {**train_defaults(), **configure(train_defaults(), [config_path])}
+    spec = DATASETS[c['dataset']]
+    return ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
+                     **{k: c[k] for k in ('patch_size', 'n_layer', 'n_head', 'n_embd', 'mlp_dim', 'dropout', 'attention')})
+
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
+
+
+def test_there_are_nine_configs():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert names == {f'{d}_{v}.py' for d in ('mnist', 'fashionmnist', 'cifar10') for v in ('vit', 'balanced', 'diff')}
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+def test_output_shapes_for_every_config(path):
+    config = model_config_of(path)
+    model = ViT(config).eval()
+    x = torch.randn(2, config.in_channels, config.image_size, config.image_size)
+    logits, maps = model(x, return_attn=True)
+    assert logits.shape == (2, config.num_classes)
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    heads = config.n_head // 2 if config.attention == 'diff' else config.n_head
+    assert len(maps) == config.n_layer
+    assert all(m.shape == (2, heads, tokens, tokens) for m in maps)
+
+
+def small(attention, **kwargs):
+    torch.manual_seed(0)
+    args = dict(image_size=16, in_channels=3, num_classes=5, patch_size=4, n_layer=3, n_head=4, n_embd=32,
+                mlp_dim=64, dropout=0.0, attention=attention)
+    return ViT(ViTConfig(**{**args, **kwargs}))
+
+
+def randomise_lambdas(model):
+    # at init λ is close to λ_init; push the λ vectors away so the tests see both softmax maps at work
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'lambda' in name:
+                p.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize('attention', ['classic', 'diff'])
+def test_fused_path_equals_explicit_path(attention):
+    model = small(attention)
+    randomise_lambdas(model)
+    x = torch.randn(4, 3, 16, 16)
+    fused = model(x)
+    explicit, _ = model(x, return_attn=True)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-4)
+    grads = []
+    for out in (fused, explicit):
+        model.zero_grad()
+        out.square().sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def naive_attention(x, qkv, proj, n_head):
+    """Textbook multi-head attention, one head at a time."""
+    B, T, C = x.shape
+    d = C // n_head
+    q, k, v = qkv(x).split(C, dim=2)
+    heads = []
+    for h in range(n_head):
+        s = slice(h * d, (h + 1) * d)
+        weights = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(d), dim=-1)
+        heads.append(weights @ v[..., s])
+    return proj(torch.cat(heads, dim=2))
+
+
+def test_classic_attention_equals_naive_reference():
+    attn = small('classic').blocks[0].attn
+    x = torch.randn(3, 17, 32)
+    out, _ = attn(x)
+    torch.testing.assert_close(out, naive_attention(x, attn.qkv, attn.proj, 4), atol=1e-5, rtol=1e-4)
+
+
+def reference_diff_attention(x, attn):
+    """Differential attention transcribed from the authors' code (microsoft/unilm, multihead_diffattn.py):
+    2h query/key heads of width d, h value heads of width 2d, heads 2i and 2i+1 form differential head i."""
+    B, T, C = x.shape
+    h, d = attn.n_head, attn.head_dim
+    q, k, v = attn.qkv(x).split(C, dim=2)
+    q = q.view(B, T, 2 * h, d).transpose(1, 2) * d ** -0.5
+    k = k.view(B, T, 2 * h, d).transpose(1, 2)
+    v = v.view(B, T, h, 2 * d).transpose(1, 2)
+    weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+    lambda_1 = torch.exp(torch.sum(attn.lambda_q1 * attn.lambda_k1, dim=-1))
+    lambda_2 = torch.exp(torch.sum(attn.lambda_q2 * attn.lambda_k2, dim=-1))
+    lambda_full = lambda_1 - lambda_2 + attn.lambda_init
+    weights = weights.view(B, h, 2, T, T)
+    weights = weights[:, :, 0] - lambda_full * weights[:, :, 1]
+    out = weights @ v
+    out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.subln.weight
+    out = out * (1 - attn.lambda_init)
+    return attn.proj(out.transpose(1, 2).reshape(B, T, C)), weights
+
+
+def test_diff_attention_equals_authors_reference():
+    model = small('diff')
+    randomise_lambdas(model)
+    with torch.no_grad():
+        model.blocks[1].attn.subln.weight.uniform_(0.5, 1.5)
+    attn = model.blocks[1].attn
+    x = torch.randn(3, 17, 32)
+    expected, expected_maps = reference_diff_attention(x, attn)
+    for return_attn in (False, True):
+        out, maps = attn(x, return_attn)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(maps, expected_maps, atol=1e-6, rtol=1e-5)
+
+
+def test_diff_map_rows_sum_to_one_minus_lambda():
+    model = small('diff').eval()
+    randomise_lambdas(model)
+    _, maps = model(torch.randn(2, 3, 16, 16), return_attn=True)
+    for block, m in zip(model.blocks, maps):
+        lam = block.attn.lambda_full().item()
+        torch.testing.assert_close(m.sum(-1), torch.full_like(m.sum(-1), 1 - lam), atol=1e-5, rtol=1e-5)
+    _, maps = small('classic').eval()(torch.randn(2, 3, 16, 16), return_attn=True)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 4, 17))
+
+
+def test_lambda_init_per_layer():
+    assert lambda_init_fn(0) == pytest.approx(0.2)
+    model = small('diff', n_layer=4)
+    for l, block in enumerate(model.blocks):
+        assert block.attn.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-0.3 * l))
+    assert [round(b.attn.lambda_init, 4) for b in model.blocks] == [0.2, 0.3555, 0.4707, 0.5561]
+    for block in model.blocks:  # λ starts near λ_init: exp(q·k) terms of N(0, 0.1) vectors nearly cancel
+        assert abs(block.attn.lambda_full().item() - block.attn.lambda_init) < 0.2
+
+
+@pytest.mark.parametrize('n_layer,n_head,n_embd', [(2, 2, 64), (3, 4, 32), (6, 8, 256)])
+def test_parameter_parity_of_classic_and_diff(n_layer, n_head, n_embd):
+    classic, diff = (small(a, n_layer=n_layer, n_head=n_head, n_embd=n_embd) for a in ('classic', 'diff'))
+    d = n_embd // n_head
+    # per layer: four λ vectors of width d and the head-wise RMSNorm gain of width 2d
+    assert diff.num_params() - classic.num_params() == n_layer * (4 * d + 2 * d)
+    shapes = lambda m: {n: p.shape for n, p in m.named_parameters() if 'lambda' not in n and 'subln' not in n}
+    assert shapes(classic) == shapes(diff)
+
+
+def test_lite_parameter_counts():
+    # the old project's lite config, patch 4, embedding 64, MLP 128, 2 blocks; its code had 81.5K / 98.2K
+    assert small('classic', image_size=28, in_channels=1, num_classes=10, n_layer=2, n_head=2, n_embd=64,
+                 mlp_dim=128).num_params() == 72_074
+    assert small('diff', image_size=28, in_channels=1, num_classes=10, n_layer=2, n_head=2, n_embd=64,
+                 mlp_dim=128).num_params() == 72_458
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(attention='diff', n_head=3, n_embd=33), 'odd'),
+    (dict(n_embd=30), 'not divisible by n_head'),
+    (dict(image_size=18), 'not divisible by patch_size'),
+    (dict(attention='linear'), "'classic' or 'diff'"),
+    (dict(dropout=1.0), 'dropout'),
+])
+def test_bad_model_config_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small(kwargs.pop('attention', 'classic'), **kwargs)
+
+
+def test_attention_focus_known_answer():
+    # 2 images, 4 patches; image 0 puts all its mass on foreground, image 1 a quarter of its |mass|
+    cls_attn = torch.tensor([[[0.5, 0.5, 0.0, 0.0]],
+                             [[0.25, -0.25, 0.5, 0.0]]])
+    foreground = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    torch.testing.assert_close(attention_focus(cls_attn, foreground), torch.tensor([1.0, 0.25]))
+    # averaged over heads: head 0 all on background, head 1 all on foreground -> one half
+    two_heads = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    torch.testing.assert_close(attention_focus(two_heads, torch.tensor([[True, False]])), torch.tensor([0.5]))

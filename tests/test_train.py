@@ -1,0 +1,98 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run_train
+
+HISTORY_KEYS = {'epoch', 'step', 'lr', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'time_s'}
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, 'metrics.json')) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def finished_run(data_dir, tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp('run'))
+    proc = run_train('config/mnist_diff.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--epochs=3', *TINY)
+    return out_dir, proc
+
+
+def test_run_learns_and_writes_valid_metrics(finished_run):
+    out_dir, proc = finished_run
+    m = read_metrics(out_dir)
+    assert m['run'] == 'mnist_diff' and m['seed'] == 0 and m['dataset'] == 'mnist'
+    assert m['config']['epochs'] == 3 and m['config']['attention'] == 'diff' and m['config']['n_embd'] == 32
+    assert m['params'] > 0 and f"{m['params']:,} parameters" in proc.stdout
+    assert [h['epoch'] for h in m['history']] == [1, 2, 3]
+    assert all(set(h) == HISTORY_KEYS for h in m['history'])
+    assert all(0 <= h[k] <= 1 for h in m['history'] for k in ('train_acc', 'val_acc'))
+    assert m['history'][-1]['val_loss'] < m['history'][0]['val_loss']
+    assert m['best_val_loss'] == min(h['val_loss'] for h in m['history'])
+    assert m['test']['acc'] > 0.9  # ten classes: chance is 0.1
+    assert 0 < m['attn_focus'] <= 1
+    assert m['train_time_s'] > 0 and m['images_per_s'] > 0 and m['device'] == 'cpu' and m['torch'] == torch.__version__
+    assert 'img/s' in proc.stdout and 'ETA' in proc.stdout and 'val loss' in proc.stdout
+
+
+def test_attention_sample_is_small_and_complete(finished_run):
+    out_dir, _ = finished_run
+    path = os.path.join(out_dir, 'attention.npz')
+    assert os.path.getsize(path) < 1_000_000
+    sample = np.load(path)
+    assert sample['images'].shape == (16, 1, 28, 28) and sample['images'].dtype == np.uint8
+    assert sample['labels'].shape == (16,)
+    assert sample['cls_attn'].shape == (1, 16, 1, 49)  # layers, images, heads, patches
+    assert int(sample['patch_size']) == 4
+
+
+def test_eval_only_reproduces_the_test_result(finished_run, data_dir):
+    out_dir, _ = finished_run
+    proc = run_train('config/mnist_diff.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--init_from=resume',
+                     '--eval_only=True', *TINY)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    test = read_metrics(out_dir)['test']
+    assert result['test_acc'] == test['acc'] and result['test_loss'] == pytest.approx(test['loss'], rel=1e-6)
+
+
+def interrupt_after(args, line, sig=signal.SIGTERM):
+    """Starts train.py, sends `sig` once it prints a line containing `line`, returns (exit code, output)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output = []
+    for text in proc.stdout:
+        output.append(text)
+        if line in text:
+            proc.send_signal(sig)
+            break
+    output.append(proc.stdout.read())
+    return proc.wait(timeout=120), ''.join(output)
+
+
+def without_times(history):
+    return [{k: v for k, v in h.items() if k != 'time_s'} for h in history]
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_same_result(finished_run, data_dir, tmp_path, sig):
+    out_dir, _ = finished_run
+    args = ['config/mnist_diff.py', f'--data_dir={data_dir}', '--epochs=3', *TINY]
+    code, output = interrupt_after([*args, f'--out_dir={tmp_path}'], 'epoch 1/3 done', sig)
+    assert code == 128 + sig, output
+    assert f"Resume with: python train.py" in output and '--init_from=resume' in output
+    stopped = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['state']
+    assert stopped['epoch'] == 1 and stopped['batch'] > 0  # stopped inside epoch 2, after a finished step
+    assert len(read_metrics(tmp_path)['history']) == 1
+    proc = run_train(*args, f'--out_dir={tmp_path}', '--init_from=resume')
+    assert 'resuming' in proc.stdout
+    resumed, full = read_metrics(tmp_path), read_metrics(out_dir)
+    assert without_times(resumed['history']) == without_times(full['history'])
+    assert resumed['test'] == full['test'] and resumed['attn_focus'] == full['attn_focus']

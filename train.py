@@ -1,0 +1,365 @@
+"""
+Trains a ViT (classic or differential attention) on MNIST, FashionMNIST or CIFAR-10.
+
+Single process:
+$ python train.py config/mnist_diff.py --epochs=3 --seed=1
+Data parallel, e.g. 4 GPUs on one node (batch_size is the global batch, split across the ranks):
+$ torchrun --standalone --nproc_per_node=4 train.py config/cifar10_diff.py
+Continue an interrupted run, or evaluate a finished one:
+$ python train.py config/mnist_diff.py --init_from=resume [--eval_only=True]
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import apply_config
+from data import AUGMENTATIONS, DATASETS, augment_batch, batches, foreground_patches, load_dataset, normalize
+from model import ViT, ViTConfig, attention_focus
+
+# -----------------------------------------------------------------------------
+# default config values: the MNIST diff run (identical to config/mnist_diff.py)
+# I/O
+run_name = ''  # default: the config file's name (mnist_diff), or <dataset>_<attention> without one
+out_dir = ''  # default: results/<run_name>/seed<seed>
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+eval_only = False  # with init_from='resume': evaluate the checkpoint on val and test, then exit
+log_interval = 100  # steps between progress lines
+# data
+dataset = 'mnist'
+data_dir = 'data'
+augment = 'none'  # 'none', 'crop' (random shifts of up to 2 pixels) or 'randaugment' (crop, flip, RandAugment)
+# model
+patch_size = 4
+n_layer = 2
+n_head = 2
+n_embd = 64
+mlp_dim = 128
+dropout = 0.0
+attention = 'diff'  # 'classic' or 'diff'
+# optimizer: AdamW, linear warmup then cosine decay to min_lr, per step
+epochs = 10
+batch_size = 128  # global: split across the ranks under torchrun
+learning_rate = 2e-3
+min_lr = 1e-5
+warmup_epochs = 1.0
+weight_decay = 0.05
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0  # 0 disables clipping
+label_smoothing = 0.1
+# system
+seed = 0
+device = 'auto'  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'  # 'auto' (bfloat16 on CUDA where supported, float16 on older GPUs, float32 on CPU), or by name
+compile = 'auto'  # True, False, or 'auto': on for CUDA; off on CPU, where it measured no faster
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+apply_config(globals())
+config_files = [a for a in sys.argv[1:] if not a.startswith('--')]
+run_name = run_name or (os.path.splitext(os.path.basename(config_files[-1]))[0] if config_files
+                        else f'{dataset}_{attention}')
+out_dir = out_dir or os.path.join('results', run_name, f'seed{seed}')
+
+
+def fail(message):
+    sys.exit(f"error: {message}")
+
+
+# one clear error for each bad value, before anything slow happens
+if dataset not in DATASETS:
+    fail(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+if augment not in AUGMENTATIONS:
+    fail(f"augment={augment!r}: must be one of {', '.join(AUGMENTATIONS)}")
+if init_from not in ('scratch', 'resume'):
+    fail(f"init_from={init_from!r}: must be 'scratch' or 'resume'")
+if eval_only and init_from != 'resume':
+    fail("eval_only=True evaluates a saved checkpoint: add --init_from=resume")
+for key, value, ok, rule in [('learning_rate', learning_rate, learning_rate > 0, '> 0'),
+                             ('epochs', epochs, epochs >= 1, '>= 1'),
+                             ('batch_size', batch_size, batch_size >= 1, '>= 1'),
+                             ('warmup_epochs', warmup_epochs, 0 <= warmup_epochs <= epochs, 'in [0, epochs]'),
+                             ('min_lr', min_lr, 0 <= min_lr <= learning_rate, 'in [0, learning_rate]'),
+                             ('weight_decay', weight_decay, weight_decay >= 0, '>= 0'),
+                             ('grad_clip', grad_clip, grad_clip >= 0, '>= 0'),
+                             ('label_smoothing', label_smoothing, 0 <= label_smoothing < 1, 'in [0, 1)'),
+                             ('log_interval', log_interval, log_interval >= 1, '>= 1')]:
+    if not ok:
+        fail(f"{key}={value!r}: must be {rule}")
+if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+    fail(f"dtype={dtype!r}: must be 'auto', 'float32', 'bfloat16' or 'float16'")
+spec = DATASETS[dataset]
+try:
+    model_args = ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
+                           patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_dim=mlp_dim,
+                           dropout=dropout, attention=attention)
+except ValueError as e:
+    fail(e)
+config = {k: globals()[k] for k in config_keys}
+
+# distributed set-up: torchrun sets RANK; each rank trains on its shard, rank 0 alone prints and writes
+ddp = 'RANK' in os.environ
+rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if device_type == 'cuda' and not torch.cuda.is_available():
+    fail(f"device={device!r} but CUDA is not available; use --device=cpu")
+if ddp:
+    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+    if device_type == 'cuda':
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+master = rank == 0
+if batch_size % world_size:
+    fail(f"batch_size={batch_size} must be divisible by the number of ranks ({world_size})")
+local_batch_size = batch_size // world_size
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+use_compile = device_type == 'cuda' if compile == 'auto' else compile
+torch.manual_seed(seed + rank)  # ranks share the model (DDP broadcasts it) but not their dropout/augmentation
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+autocast = (nullcontext() if dtype == 'float32'
+            else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
+log = print if master else (lambda *args, **kwargs: None)
+
+try:
+    splits = load_dataset(dataset, data_dir, device)
+except (FileNotFoundError, ValueError) as e:
+    fail(e)
+x_train, y_train = splits['train']
+log(f"{dataset}: {len(x_train):,} train / {len(splits['val'][0]):,} val / {len(splits['test'][0]):,} test images "
+    f"on {device}")
+
+model = ViT(model_args).to(device)
+optim_groups = [  # weight decay on weights of 2 or more dimensions only, not on biases, norm gains or λ vectors
+    {'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': weight_decay},
+    {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]
+optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+steps_per_epoch = len(x_train) // batch_size
+total_steps = epochs * steps_per_epoch
+warmup_steps = int(warmup_epochs * steps_per_epoch)
+
+# resume: model, optimizer, position in the run and every RNG state, so the run ends as if never stopped
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+metrics_path = os.path.join(out_dir, 'metrics.json')
+state = dict(epoch=0, batch=0, step=0, history=[], best_val_loss=float('inf'), elapsed=0.0, train_time=0.0,
+             train_images=0, epoch_sums=[0.0, 0.0, 0.0])
+if init_from == 'resume':
+    if not os.path.isfile(ckpt_path):
+        fail(f"--init_from=resume: no checkpoint at {ckpt_path} (check --out_dir, --run_name and --seed)")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        fail(f"cannot load {ckpt_path}: it is corrupt or not a checkpoint of this project "
+             f"({type(e).__name__}: {str(e).splitlines()[0]})")
+    if checkpoint['model_args'] != asdict(model_args):
+        diff = {k: (v, asdict(model_args)[k]) for k, v in checkpoint['model_args'].items() if v != asdict(model_args)[k]}
+        fail(f"{ckpt_path} holds a different model; checkpoint vs requested: {diff}")
+    model.load_state_dict(checkpoint['model'])
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+    state = checkpoint['state']
+    torch.set_rng_state(checkpoint['rng_cpu'])
+    if device_type == 'cuda' and 'rng_cuda' in checkpoint:
+        torch.cuda.set_rng_state(checkpoint['rng_cuda'])
+    log(f"resuming {ckpt_path} at epoch {state['epoch'] + 1}, step {state['step']}")
+raw_model = model
+if use_compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
+log(f"{run_name} seed {seed}: {attention} ViT, {raw_model.num_params():,} parameters | device {device} "
+    f"({world_size} rank{'s' * (world_size > 1)}), dtype {dtype}, compile {use_compile} | out_dir {out_dir}")
+
+
+def get_lr(step):
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(split):
+    """Loss (with the training label smoothing, as the old project reported it) and accuracy on a split."""
+    x, y = splits[split]
+    model.eval()
+    sums = torch.zeros(2, device=device)
+    for idx in batches(len(x), 1000, device):
+        with autocast:
+            logits = model(normalize(x[idx], dataset))
+        sums[0] += F.cross_entropy(logits.float(), y[idx], label_smoothing=label_smoothing, reduction='sum')
+        sums[1] += (logits.argmax(1) == y[idx]).sum()
+    model.train()
+    loss, correct = sums.tolist()
+    return loss / len(x), correct / len(x)
+
+
+@torch.no_grad()
+def attention_outputs():
+    """The CLS row of every layer's attention for the first 16 test images (the same for every run of a
+    dataset), and the mean attention focus of the last layer over the whole test set."""
+    x, y = splits['test']
+    raw_model.eval()
+    _, maps = raw_model(normalize(x[:16], dataset), return_attn=True)
+    sample = dict(images=x[:16].cpu().numpy(), labels=y[:16].cpu().numpy(), patch_size=np.array(patch_size),
+                  cls_attn=torch.stack([m[:, :, 0, 1:] for m in maps]).float().cpu().numpy())  # (L, 16, heads, P)
+    focus = None
+    if spec['foreground']:
+        total = torch.zeros((), device=device)
+        for idx in batches(len(x), 1000, device):
+            _, maps = raw_model(normalize(x[idx], dataset), return_attn=True)
+            total += attention_focus(maps[-1][:, :, 0, 1:], foreground_patches(x[idx], patch_size)).sum()
+        focus = total.item() / len(x)
+    return sample, focus
+
+
+def write_atomic(path, write):
+    """Writes to a temporary file and renames it, so a crash at any moment leaves the old file intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint():
+    checkpoint = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                      model_args=asdict(model_args), config=config, state=state, rng_cpu=torch.get_rng_state())
+    if device_type == 'cuda':
+        checkpoint['rng_cuda'] = torch.cuda.get_rng_state()
+    write_atomic(ckpt_path, lambda f: torch.save(checkpoint, f))
+
+
+def save_metrics(test=None, attn_focus=None):
+    metrics = dict(run=run_name, seed=seed, dataset=dataset, config=config, params=raw_model.num_params(),
+                   history=state['history'], test=test, best_val_loss=state['best_val_loss'],
+                   train_time_s=state['elapsed'], images_per_s=state['train_images'] / max(state['train_time'], 1e-9),
+                   device=torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu',
+                   world_size=world_size, torch=torch.__version__)
+    if attn_focus is not None:
+        metrics['attn_focus'] = attn_focus
+    write_atomic(metrics_path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
+
+
+if eval_only:
+    (val_loss, val_acc), (test_loss, test_acc) = evaluate('val'), evaluate('test')
+    log(json.dumps(dict(checkpoint=ckpt_path, val_loss=val_loss, val_acc=val_acc, test_loss=test_loss, test_acc=test_acc)))
+    sys.exit(0)
+
+# SIGINT / SIGTERM: finish the current step, save, and say how to go on
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signum
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+
+# -----------------------------------------------------------------------------
+# training loop: losses, accuracies and the first non-finite step stay on the device, read once per log line
+start = time.time() - state['elapsed']
+# this rank's loss * n, correct predictions and n of the epoch so far (a resumed partial epoch keeps rank 0's)
+epoch_sums = torch.tensor(state['epoch_sums'] if master else [0.0, 0.0, 0.0], device=device)
+bad_step = torch.tensor(-1, device=device)
+while state['epoch'] < epochs:
+    epoch = state['epoch']
+    order = batches(len(x_train), local_batch_size, device, torch.Generator().manual_seed(seed * 100_003 + epoch),
+                    rank, world_size, drop_last=True)
+    model.train()
+    t_epoch, t_log, images_since_log, first_batch = time.time(), time.time(), 0, state['batch']
+    for i in range(first_batch, steps_per_epoch):
+        idx = order[i]
+        step = state['step']
+        lr = get_lr(step)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        x = normalize(augment_batch(x_train[idx].float() / 255, augment), dataset)
+        y = y_train[idx]
+        with autocast:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        epoch_sums[:2] += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()])
+        epoch_sums[2] += len(y)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+        state['step'], state['batch'] = step + 1, i + 1
+        images_since_log += len(y) * world_size
+        if (step + 1) % log_interval == 0 or stop_signal is not None:
+            if bad_step.item() >= 0:
+                fail(f"non-finite loss at epoch {epoch + 1}, step {bad_step.item()} (learning rate "
+                     f"{get_lr(bad_step.item()):.3g}); stopped, the last good checkpoint {ckpt_path} is kept. "
+                     f"Try a lower --learning_rate or --dtype=float32")
+            dt = time.time() - t_log
+            steps_left = total_steps - step - 1
+            log(f"epoch {epoch + 1}/{epochs} | step {step + 1}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                f"{images_since_log / dt:,.0f} img/s | ETA {steps_left * dt / images_since_log * batch_size:.0f}s")
+            t_log, images_since_log = time.time(), 0
+        if stop_signal is not None:
+            state['epoch_sums'] = epoch_sums.tolist()
+            state['elapsed'] = time.time() - start
+            if master:
+                save_checkpoint()
+            args = ' '.join(a for a in sys.argv[1:] if not a.startswith('--init_from'))
+            log(f"interrupted ({signal.Signals(stop_signal).name}) at epoch {epoch + 1}, step {step + 1}; saved "
+                f"{ckpt_path}. Resume with: python train.py {args} --init_from=resume")
+            sys.exit(128 + stop_signal)
+    if ddp:
+        dist.all_reduce(epoch_sums)
+    train_loss_sum, train_correct, n = epoch_sums.tolist()
+    if bad_step.item() >= 0 or not math.isfinite(train_loss_sum):
+        fail(f"non-finite loss at epoch {epoch + 1}, step {bad_step.item()} (learning rate "
+             f"{get_lr(max(bad_step.item(), 0)):.3g}); stopped, the last good checkpoint {ckpt_path} is kept. "
+             f"Try a lower --learning_rate or --dtype=float32")
+    state['train_time'] += time.time() - t_epoch
+    state['train_images'] += (steps_per_epoch - first_batch) * batch_size
+    val_loss, val_acc = evaluate('val')
+    state['elapsed'] = time.time() - start
+    state['history'].append(dict(epoch=epoch + 1, step=state['step'], lr=get_lr(state['step'] - 1), train_loss=train_loss_sum / n,
+                                 train_acc=train_correct / n, val_loss=val_loss, val_acc=val_acc,
+                                 time_s=state['elapsed']))
+    state['best_val_loss'] = min(state['best_val_loss'], val_loss)
+    state.update(epoch=epoch + 1, batch=0, epoch_sums=[0.0, 0.0, 0.0])
+    epoch_sums.zero_()
+    log(f"epoch {epoch + 1}/{epochs} done | train loss {train_loss_sum / n:.4f} acc {train_correct / n:.4f} | "
+        f"val loss {val_loss:.4f} acc {val_acc:.4f} | {state['elapsed']:.0f}s")
+    if master:
+        save_checkpoint()
+        save_metrics()
+
+test_loss, test_acc = evaluate('test')
+if master:
+    sample, focus = attention_outputs()
+    write_atomic(os.path.join(out_dir, 'attention.npz'), lambda f: np.savez_compressed(f, **sample))
+    save_metrics(test=dict(loss=test_loss, acc=test_acc), attn_focus=focus)
+    log(f"test loss {test_loss:.4f} acc {test_acc:.4f}" + (f" | attention focus {focus:.4f}" if focus is not None else "")
+        + f" | {state['elapsed']:.0f}s, {state['train_images'] / state['train_time']:,.0f} img/s | wrote {metrics_path}")
+if ddp:
+    dist.destroy_process_group()
