@@ -6,6 +6,7 @@ Each --key=value sets one global; the value is parsed as a Python literal (never
 the type of the default. Unknown keys and wrong types are errors that name the key.
 """
 
+import ast
 import os
 import sys
 import types
@@ -55,6 +56,20 @@ def configure(defaults, argv):
                 value = text  # a bare word such as --dataset=mnist is a string
             overrides[key] = check(key, value, defaults)
     return overrides
+
+
+def read_defaults(script):
+    """A script's default config globals, read from its source without running it: the constant assignments
+    at module level above the line that starts with `config_keys`."""
+    with open(script) as f:
+        tree = ast.parse(f.read())
+    defaults = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id == 'config_keys':
+                break
+            defaults[node.targets[0].id] = literal_eval(node.value)
+    return defaults
 
 
 def apply_config(scope, argv=None):

@@ -87,9 +87,10 @@ def load_dataset(name, data_dir, device='cpu'):
         try:
             download(name, data_dir)
         except Exception as e:
+            reason = ' '.join(str(e).split())  # torchvision's messages span lines
             raise FileNotFoundError(
                 f"{name} is not in {root}/ (expected files: {', '.join(expected)}) and downloading it failed "
-                f"({type(e).__name__}: {e}). Put the files there, or point --data_dir at a folder that has "
+                f"({type(e).__name__}: {reason}). Put the files there, or point --data_dir at a folder that has "
                 f"them, or run once with network access.") from None
     x_train, y_train = read_split(spec, root, spec['train'])
     x_test, y_test = read_split(spec, root, spec['test'])

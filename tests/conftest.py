@@ -1,6 +1,5 @@
 """Synthetic datasets written in the real on-disk formats (IDX, CIFAR-10 python batches), and helpers."""
 
-import ast
 import os
 import pickle
 import subprocess
@@ -11,18 +10,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from configurator import read_defaults  # noqa: E402
 
 
 def train_defaults():
-    """train.py's default globals, read from its source without running it."""
-    tree = ast.parse(open(os.path.join(ROOT, 'train.py')).read())
-    defaults = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id == 'config_keys':
-                break
-            defaults[node.targets[0].id] = ast.literal_eval(node.value)
-    return defaults
+    return read_defaults(os.path.join(ROOT, 'train.py'))
 
 
 def synthetic_images(n, shape, seed):

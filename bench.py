@@ -1,0 +1,211 @@
+"""
+Training-step throughput of the real model and optimizer, for a config given as to train.py:
+$ python bench.py config/cifar10_diff.py --batch_size=256
+Times forward + backward + AdamW step after warm-up for each setting: attention classic / diff, impl fused (the
+model's scaled_dot_product_attention path) / naive (explicit matmul-softmax attention, same weights), compile
+off / on. Prints a table and one JSON line per setting. With --pipeline=True it also times whole epochs of
+the resident data pipeline (data.py) against a torchvision Dataset + DataLoader with per-sample transforms,
+both feeding the same model.
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from configurator import apply_config, read_defaults
+from data import DATASETS, augment_batch, batches, load_dataset, normalize
+from model import ViT, ViTConfig
+
+# -----------------------------------------------------------------------------
+# every train.py global (so its config files work here), then the benchmark's own
+globals().update(read_defaults(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
+attentions = 'classic,diff'  # which attention kinds to time
+impls = 'fused,naive'
+compiles = 'auto'  # 'auto': eager and compiled; or False / True
+warmup_steps = 10
+timed_steps = 30
+pipeline = False  # also time whole epochs: resident pipeline vs torchvision DataLoader
+pipeline_epochs = 1
+num_workers = 2  # DataLoader worker processes for the torchvision pipeline
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+apply_config(globals())
+config_name = next((os.path.basename(a) for a in sys.argv[1:] if not a.startswith('--')), 'train.py defaults')
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+spec = DATASETS[dataset]
+# dense bf16 tensor-core peak, for MFU
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12}
+
+
+def model_config(kind):
+    return ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
+                     patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_dim=mlp_dim,
+                     dropout=dropout, attention=kind)
+
+
+def flops_per_image(config):
+    """Matmul FLOPs of one training image (forward + backward = 3 x forward); norms and activations left out."""
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    patch = 2 * (tokens - 1) * config.in_channels * config.patch_size ** 2 * config.n_embd
+    per_layer = 2 * tokens * (4 * config.n_embd ** 2 + 2 * config.n_embd * config.mlp_dim)
+    per_layer += 2 * 2 * tokens ** 2 * config.n_embd * (1.5 if config.attention == 'diff' else 1)  # QKᵀ and AV
+    return 3 * (patch + config.n_layer * per_layer + 2 * config.n_embd * config.num_classes)
+
+
+def peak_flops():
+    if device_type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def make_step(model, optimizer):
+    def step(x, y):
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def sync():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb():
+    if device_type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark on the CPU
+
+
+class Naive(torch.nn.Module):
+    """The same model through its explicit matmul-softmax attention path."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x, return_attn=True)[0]
+
+
+def bench_step(kind, impl, use_compile):
+    torch.manual_seed(0)
+    model = ViT(model_config(kind)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device_type == 'cuda')
+    net = Naive(model) if impl == 'naive' else model
+    if use_compile:
+        net = torch.compile(net)
+    step = make_step(net, optimizer)
+    x = torch.randn(batch_size, *spec['shape'], device=device)
+    y = torch.randint(0, spec['num_classes'], (batch_size,), device=device)
+    if device_type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.time()
+    for _ in range(warmup_steps):
+        step(x, y)
+    sync()
+    warmup_s = time.time() - t0
+    t0 = time.time()
+    for _ in range(timed_steps):
+        step(x, y)
+    sync()
+    dt = (time.time() - t0) / timed_steps
+    result = dict(config=config_name, attention=kind, impl=impl, compile=use_compile, device=device, dtype=dtype,
+                  batch_size=batch_size, img_per_s=batch_size / dt, step_ms=1000 * dt, peak_mem_mb=peak_memory_mb(),
+                  warmup_s=warmup_s, params=model.num_params(), gflops_per_img=flops_per_image(model.config) / 1e9)
+    if peak_flops():
+        result['mfu'] = result['img_per_s'] * flops_per_image(model.config) / peak_flops()
+    return result
+
+
+def bench_pipeline(kind):
+    """Seconds per epoch of real training data: the resident pipeline, then torchvision's, same model."""
+    import torchvision.transforms.v2 as T
+    from PIL import Image
+    splits = load_dataset(dataset, data_dir, 'cpu')
+    x_cpu, y_cpu = splits['train']
+    per_sample = [T.RandomCrop(spec['shape'][1], padding=2 if augment == 'crop' else 4)] if augment != 'none' else []
+    if augment == 'randaugment':
+        per_sample += [T.RandomHorizontalFlip(), T.RandAugment(2, 10)]
+    transform = T.Compose(per_sample + [T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
+                                        T.Normalize(spec['mean'], spec['std'])])
+
+    class TorchvisionStyle(torch.utils.data.Dataset):  # what torchvision.datasets.MNIST / CIFAR10 do per sample
+        def __len__(self):
+            return len(x_cpu)
+
+        def __getitem__(self, i):
+            image = x_cpu[i].numpy()
+            image = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+            return transform(image), int(y_cpu[i])
+
+    loader = torch.utils.data.DataLoader(TorchvisionStyle(), batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=num_workers, pin_memory=device_type == 'cuda',
+                                         persistent_workers=num_workers > 0)
+    x_dev, y_dev = x_cpu.to(device), y_cpu.to(device)
+    results = []
+    for name in ('resident', 'dataloader'):
+        torch.manual_seed(0)
+        model = ViT(model_config(kind)).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device_type == 'cuda')
+        net = torch.compile(model) if (device_type == 'cuda' if compile == 'auto' else compile) else model
+        step = make_step(net, optimizer)
+        step(normalize(x_dev[:batch_size], dataset), y_dev[:batch_size])  # compile outside the timing
+        sync()
+        t0 = time.time()
+        images = 0
+        for epoch in range(pipeline_epochs):
+            if name == 'resident':
+                for idx in batches(len(x_dev), batch_size, device, torch.Generator().manual_seed(epoch), drop_last=True):
+                    step(normalize(augment_batch(x_dev[idx].float() / 255, augment), dataset), y_dev[idx])
+                    images += len(idx)
+            else:
+                for x, y in loader:
+                    step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    images += len(y)
+        sync()
+        epoch_s = (time.time() - t0) / pipeline_epochs
+        results.append(dict(pipeline=name, config=config_name, device=device, epoch_s=epoch_s,
+                            img_per_s=images / (time.time() - t0), num_workers=num_workers if name == 'dataloader' else 0))
+    return results
+
+
+compile_options = [False, True] if compiles == 'auto' else [compiles]
+print(f"{config_name}: {dataset}, batch {batch_size}, {device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+      f"{dtype}, torch {torch.__version__}")
+print(f"{'attention':>9} {'impl':>6} {'compile':>7} {'img/s':>10} {'step ms':>8} {'peak MB':>8} {'MFU':>6}")
+results = []
+for kind in attentions.split(','):
+    for impl in impls.split(','):
+        for use_compile in compile_options:
+            r = bench_step(kind, impl, use_compile)
+            results.append(r)
+            mfu = f"{100 * r['mfu']:.1f}%" if 'mfu' in r else '–'
+            print(f"{kind:>9} {impl:>6} {str(use_compile):>7} {r['img_per_s']:>10,.0f} {r['step_ms']:>8.2f} "
+                  f"{r['peak_mem_mb']:>8.0f} {mfu:>6}", flush=True)
+print(f"model FLOPs per training image (matmuls, fwd + bwd): "
+      + ', '.join(f"{k} {flops_per_image(model_config(k)) / 1e6:.1f} M" for k in attentions.split(',')))
+for r in results:
+    print(json.dumps(r))
+if pipeline:
+    for kind in attentions.split(','):
+        for r in bench_pipeline(kind):
+            print(f"pipeline {r['pipeline']:>10} ({kind}): {r['epoch_s']:.1f} s/epoch, {r['img_per_s']:,.0f} img/s")
+            print(json.dumps(dict(r, attention=kind)))

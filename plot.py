@@ -1,0 +1,229 @@
+"""
+Figures and the results table from every run under a results folder:
+$ python plot.py results/
+Reads each <run_name>/seed<seed>/metrics.json (and attention.npz beside it), groups the runs by dataset and
+run_name, aggregates the seeds (mean ± std) and writes, per dataset, <dataset>_val_loss.png,
+<dataset>_val_acc.png and <dataset>_attention.png, plus README.md with the results table, which it also prints.
+"""
+
+import glob
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+
+VARIANTS = ('vit', 'balanced', 'diff')  # run_name = <dataset>_<variant>
+COLORS = {'vit': 'tab:blue', 'balanced': 'tab:green', 'diff': 'tab:red'}
+REQUIRED = ('run', 'seed', 'dataset', 'params', 'history', 'test', 'images_per_s', 'device')
+# the project NanoDiffVision replaces, as it published them: single seeds, and its parameter counts were wrong
+# (its lite ViT has 81.5K parameters and its diff variant 98.2K)
+OLD_TABLE = {
+    'mnist': [('ViT', '33.8K', 0.638, 0.626, 0.9551), ('ViT balanced (4 heads)', '55.6K', 0.633, 0.624, 0.9553),
+              ('ViT diff', '38.1K', 0.624, 0.618, 0.9575)],
+    'fashionmnist': [('ViT', '33.8K', 0.813, 0.826, 0.8586), ('ViT balanced', '33.8K', 0.792, 0.798, 0.8679),
+                     ('ViT diff', '38.1K', 0.788, 0.796, 0.8726)],
+}
+
+
+def fail(message):
+    sys.exit(f"error: {message}")
+
+
+def load_runs(folder):
+    """{dataset: {run_name: [metrics of each seed, by seed]}} for the finished runs under folder."""
+    paths = sorted(glob.glob(os.path.join(folder, '**', 'metrics.json'), recursive=True))
+    if not paths:
+        fail(f"no metrics.json under {folder}/: train some runs first, e.g. python train.py config/mnist_diff.py")
+    runs = defaultdict(lambda: defaultdict(list))
+    for path in paths:
+        try:
+            with open(path) as f:
+                m = json.load(f)
+            missing = [k for k in REQUIRED if k not in m]
+            if missing:
+                raise ValueError(f"missing keys {missing}")
+        except (ValueError, OSError) as e:
+            fail(f"{path} is not a valid metrics.json ({e})")
+        if m['test'] is None:
+            print(f"skipping {path}: the run has not finished")
+            continue
+        m['path'] = os.path.dirname(path)
+        runs[m['dataset']][m['run']].append(m)
+    if not runs:
+        fail(f"no finished run under {folder}/")
+    return {d: {r: sorted(ms, key=lambda m: m['seed']) for r, ms in by_run.items()} for d, by_run in runs.items()}
+
+
+def variant(run_name):
+    return run_name.rsplit('_', 1)[-1]
+
+
+def ordered(by_run):
+    return sorted(by_run, key=lambda r: (VARIANTS.index(variant(r)) if variant(r) in VARIANTS else 99, r))
+
+
+def mean_std(values, digits):
+    values = np.asarray(values, dtype=float)
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():.{digits}f} ± {std:.{digits}f}"
+
+
+def welch(a, b):
+    """Welch's two-sample t-test: (t, two-sided p). p comes from the Student-t density integrated numerically."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return (math.inf if a.mean() != b.mean() else 0.0), (0.0 if a.mean() != b.mean() else 1.0)
+    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    x = np.linspace(0, abs(t), 20001)
+    density = np.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+                     - (df + 1) / 2 * np.log1p(x ** 2 / df))
+    return t, max(0.0, 1 - 2 * np.trapezoid(density, x))
+
+
+def stat(m, key):
+    return {'val_loss': m['history'][-1]['val_loss'], 'test_loss': m['test']['loss'], 'test_acc': m['test']['acc'],
+            'attn_focus': m.get('attn_focus', float('nan'))}[key]
+
+
+def curve_figure(dataset, by_run, key, ylabel, path):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for run in ordered(by_run):
+        curves = np.array([[h[key] for h in m['history']] for m in by_run[run]
+                           if len(m['history']) == len(by_run[run][0]['history'])])
+        epochs = np.arange(1, curves.shape[1] + 1)
+        mean = curves.mean(0)
+        std = curves.std(0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
+        color = COLORS.get(variant(run))
+        ax.plot(epochs, mean, color=color, label=f"{run} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+        ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.25, linewidth=0)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{dataset}: {ylabel} (mean ± 1 std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def attention_figure(dataset, by_run, path, n_images=8):
+    """The same test images; per variant (its lowest seed) the CLS token's last-layer attention over the patches,
+    averaged over heads, on the image. Diff maps are signed: a diverging colormap centred on zero."""
+    samples = {r: np.load(os.path.join(by_run[r][0]['path'], 'attention.npz')) for r in ordered(by_run)
+               if os.path.exists(os.path.join(by_run[r][0]['path'], 'attention.npz'))}
+    if not samples:
+        return False
+    first = next(iter(samples.values()))
+    images = first['images'][:n_images]
+    fig, axes = plt.subplots(len(samples) + 1, n_images, figsize=(1.5 * n_images, 1.6 * (len(samples) + 1)),
+                             squeeze=False)
+    for j, image in enumerate(images):
+        axes[0, j].imshow(image.transpose(1, 2, 0).squeeze(), cmap='gray')
+        axes[0, j].set_title(f"label {first['labels'][j]}", fontsize=9)
+    for i, (run, sample) in enumerate(samples.items(), start=1):
+        grid = int(math.isqrt(sample['cls_attn'].shape[-1]))
+        maps = sample['cls_attn'][-1, :n_images].mean(axis=1).reshape(-1, grid, grid)
+        signed = variant(run) == 'diff'
+        limit = np.abs(maps).max()
+        for j, (image, attn) in enumerate(zip(images, maps)):
+            ax = axes[i, j]
+            ax.imshow(image.transpose(1, 2, 0).squeeze(), cmap='gray')
+            h, w = image.shape[1:]
+            shown = ax.imshow(attn, cmap='RdBu_r' if signed else 'inferno', alpha=0.6, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+                              vmin=-limit if signed else 0, vmax=limit, interpolation='nearest')
+        axes[i, 0].set_ylabel(run + ('\n(signed)' if signed else ''), fontsize=9)
+        fig.colorbar(shown, ax=axes[i, :].tolist(), fraction=0.02, pad=0.01)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{dataset}: CLS attention over patches, last layer, mean over heads", fontsize=11)
+    fig.savefig(path, dpi=110, bbox_inches='tight')
+    plt.close(fig)
+    return True
+
+
+def dataset_table(dataset, by_run):
+    lines = [f"| model | params | val loss | test loss | test acc (%) | attention focus | seeds | s/epoch | img/s | device |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in ordered(by_run):
+        ms = by_run[run]
+        focus = [stat(m, 'attn_focus') for m in ms]
+        lines.append(f"| {run} | {ms[0]['params']:,} | {mean_std([stat(m, 'val_loss') for m in ms], 4)} | "
+                     f"{mean_std([stat(m, 'test_loss') for m in ms], 4)} | "
+                     f"{mean_std([100 * stat(m, 'test_acc') for m in ms], 2)} | "
+                     f"{mean_std(focus, 3) if not np.isnan(focus).any() else '–'} | {len(ms)} | "
+                     f"{np.mean([m['history'][-1]['time_s'] / len(m['history']) for m in ms]):.1f} | "
+                     f"{np.mean([m['images_per_s'] for m in ms]):,.0f} | {ms[0]['device']} |")
+    return lines
+
+
+def comparison(by_run):
+    """diff against each classic variant: the difference of means, Welch's t-test, and whether it exceeds 2 std."""
+    lines = []
+    diff = [r for r in by_run if variant(r) == 'diff']
+    for d in diff:
+        for other in (r for r in ordered(by_run) if variant(r) in ('vit', 'balanced')):
+            a, b = by_run[d], by_run[other]
+            if min(len(a), len(b)) < 2:
+                lines.append(f"- {d} vs {other}: needs at least 2 seeds each for a test")
+                continue
+            for key, scale, name in (('test_acc', 100, 'test acc (points)'), ('test_loss', 1, 'test loss'),
+                                     ('val_loss', 1, 'val loss'), ('attn_focus', 1, 'attention focus')):
+                xa, xb = [scale * stat(m, key) for m in a], [scale * stat(m, key) for m in b]
+                if np.isnan(xa).any() or np.isnan(xb).any():
+                    continue
+                delta = np.mean(xa) - np.mean(xb)
+                spread = max(np.std(xa, ddof=1), np.std(xb, ddof=1))
+                t, p = welch(xa, xb)
+                verdict = 'significant (p < 0.05)' if p < 0.05 else 'not significant'
+                lines.append(f"- {d} vs {other}, {name}: {delta:+.4f} (larger std {spread:.4f}; "
+                             f"{'exceeds' if abs(delta) > 2 * spread else 'within'} 2 std), "
+                             f"Welch t = {t:+.2f}, p = {p:.3f}: {verdict}")
+    return lines
+
+
+def main(folder):
+    runs = load_runs(folder)
+    report = ["# Results", "",
+              f"Generated by `python plot.py {folder}` from every `metrics.json` below this folder. Mean ± sample std "
+              "over seeds. Losses include label smoothing 0.1, as the old project's did. Val loss is the last "
+              "epoch's; test numbers are the final model's. Attention focus: the share of the CLS token's "
+              "last-layer attention mass (|weights|, mean over heads) on foreground patches of the test set.", ""]
+    for dataset in sorted(runs):
+        by_run = runs[dataset]
+        curve_figure(dataset, by_run, 'val_loss', 'validation loss', os.path.join(folder, f'{dataset}_val_loss.png'))
+        curve_figure(dataset, by_run, 'val_acc', 'validation accuracy', os.path.join(folder, f'{dataset}_val_acc.png'))
+        has_attention = attention_figure(dataset, by_run, os.path.join(folder, f'{dataset}_attention.png'))
+        report += [f"## {dataset}", ""] + dataset_table(dataset, by_run) + [""]
+        comparisons = comparison(by_run)
+        if comparisons:
+            report += ["Differential vs classic attention:", ""] + comparisons + [""]
+        if dataset in OLD_TABLE:
+            report += ["The old project's published table (single seed, wrong parameter counts):", "",
+                       "| model | params (as published) | val loss | test loss | test acc (%) |", "|---|---|---|---|---|"]
+            report += [f"| {n} | {p} | {vl:.3f} | {tl:.3f} | {100 * a:.2f} |" for n, p, vl, tl, a in OLD_TABLE[dataset]]
+            report.append("")
+        report += [f"![{dataset} validation loss]({dataset}_val_loss.png)",
+                   f"![{dataset} validation accuracy]({dataset}_val_acc.png)"]
+        if has_attention:
+            report.append(f"![{dataset} attention maps]({dataset}_attention.png)")
+        report.append("")
+    text = '\n'.join(report)
+    with open(os.path.join(folder, 'README.md.tmp'), 'w') as f:
+        f.write(text)
+    os.replace(os.path.join(folder, 'README.md.tmp'), os.path.join(folder, 'README.md'))
+    print(text)
+
+
+if __name__ == '__main__':
+    if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
+        fail("usage: python plot.py <results folder>, e.g. python plot.py results/")
+    main(sys.argv[1].rstrip('/'))
