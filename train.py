@@ -89,7 +89,7 @@ if eval_only and init_from != 'resume':
 for key, value, ok, rule in [('learning_rate', learning_rate, learning_rate > 0, '> 0'),
                              ('epochs', epochs, epochs >= 1, '>= 1'),
                              ('batch_size', batch_size, batch_size >= 1, '>= 1'),
-                             ('warmup_epochs', warmup_epochs, 0 <= warmup_epochs <= epochs, 'in [0, epochs]'),
+                             ('warmup_epochs', warmup_epochs, warmup_epochs >= 0, '>= 0'),
                              ('min_lr', min_lr, 0 <= min_lr <= learning_rate, 'in [0, learning_rate]'),
                              ('weight_decay', weight_decay, weight_decay >= 0, '>= 0'),
                              ('grad_clip', grad_clip, grad_clip >= 0, '>= 0'),
@@ -151,7 +151,8 @@ optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(beta1, beta
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 steps_per_epoch = len(x_train) // batch_size
 total_steps = epochs * steps_per_epoch
-warmup_steps = int(warmup_epochs * steps_per_epoch)
+# warmup takes at most a tenth of the run, so that a short run of a long recipe (--epochs=1) still anneals
+warmup_steps = min(int(warmup_epochs * steps_per_epoch), total_steps // 10)
 
 # resume: model, optimizer, position in the run and every RNG state, so the run ends as if never stopped
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -184,6 +185,8 @@ if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 log(f"{run_name} seed {seed}: {attention} ViT, {raw_model.num_params():,} parameters | device {device} "
     f"({world_size} rank{'s' * (world_size > 1)}), dtype {dtype}, compile {use_compile} | out_dir {out_dir}")
+log(f"{epochs} epochs of {steps_per_epoch} steps, batch {batch_size}, warmup {warmup_steps} steps "
+    f"({warmup_steps / steps_per_epoch:.2g} epochs), lr {learning_rate:g} -> {min_lr:g}")
 
 
 def get_lr(step):
