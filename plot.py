@@ -17,6 +17,7 @@ import numpy as np
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 
 VARIANTS = ('vit', 'balanced', 'diff')  # run_name = <dataset>_<variant>
 COLORS = {'vit': 'tab:blue', 'balanced': 'tab:green', 'diff': 'tab:red'}
@@ -105,6 +106,7 @@ def curve_figure(dataset, by_run, key, ylabel, path):
         ax.plot(epochs, mean, color=color, label=f"{run} ({len(curves)} seed{'s' * (len(curves) > 1)})")
         ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.25, linewidth=0)
     ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(f"{dataset}: {ylabel} (mean ± 1 std over seeds)")
     ax.grid(alpha=0.3)

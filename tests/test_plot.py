@@ -1,0 +1,88 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import plot
+from conftest import ROOT
+
+ACCS = {'vit': [0.97, 0.98, 0.99], 'balanced': [0.96, 0.96, 0.96], 'diff': [0.99, 0.991, 0.992]}
+
+
+def write_run(root, dataset, variant, seed, acc, epochs=4, attention=True):
+    out = os.path.join(root, f'{dataset}_{variant}', f'seed{seed}')
+    os.makedirs(out)
+    history = [dict(epoch=e, step=10 * e, lr=1e-3, train_loss=1 / e, train_acc=acc - 0.1 / e, val_loss=1 / e + seed * 0.01,
+                    val_acc=acc - 0.05 / e, time_s=2.0 * e) for e in range(1, epochs + 1)]
+    metrics = dict(run=f'{dataset}_{variant}', seed=seed, dataset=dataset, config={}, params=1000 + (variant == 'diff'),
+                   history=history, test=dict(loss=1 - acc, acc=acc), best_val_loss=history[-1]['val_loss'],
+                   train_time_s=8.0, images_per_s=500.0, device='cpu', torch='x', attn_focus=acc / 2)
+    with open(os.path.join(out, 'metrics.json'), 'w') as f:
+        json.dump(metrics, f)
+    if attention:
+        rng = np.random.default_rng(seed)
+        np.savez(os.path.join(out, 'attention.npz'), images=rng.integers(0, 255, (16, 1, 28, 28), dtype=np.uint8),
+                 labels=np.arange(16) % 10, patch_size=np.array(4),
+                 cls_attn=rng.random((2, 16, 1 if variant == 'diff' else 2, 49)) - (0.3 if variant == 'diff' else 0))
+
+
+@pytest.fixture
+def results(tmp_path):
+    for dataset in ('mnist', 'fashionmnist'):
+        for variant, accs in ACCS.items():
+            for seed, acc in enumerate(accs):
+                write_run(str(tmp_path), dataset, variant, seed, acc)
+    return tmp_path
+
+
+def test_figures_and_table(results, capsys):
+    plot.main(str(results))
+    for dataset in ('mnist', 'fashionmnist'):
+        for kind in ('val_loss', 'val_acc', 'attention'):
+            path = results / f'{dataset}_{kind}.png'
+            assert path.exists() and path.stat().st_size > 10_000
+    table = (results / 'README.md').read_text()
+    rows = [line for line in table.splitlines() if line.startswith('| mnist_')]
+    assert [r.split(' | ')[0] for r in rows] == ['| mnist_vit', '| mnist_balanced', '| mnist_diff']
+    vit = rows[0].split(' | ')
+    assert vit[4] == '98.00 ± 1.00'  # test acc in %, mean ± sample std
+    assert vit[3] == '0.0200 ± 0.0100'  # test loss
+    assert vit[2] == f"{np.mean([0.25, 0.26, 0.27]):.4f} ± 0.0100"  # last epoch's val loss
+    assert vit[5] == '0.490 ± 0.005' and vit[6] == '3' and vit[7] == '2.0'
+    assert '95.51' in table  # the old project's table sits beside ours
+    assert 'mnist_diff vs mnist_balanced, test acc (points): +3.1000' in table
+    assert 'significant (p < 0.05)' in table and 'not significant' in table
+
+
+def test_table_is_printed(results, capsys):
+    plot.main(str(results))
+    assert capsys.readouterr().out.strip() == (results / 'README.md').read_text().strip()
+
+
+def test_welch_t_test_matches_reference_values():
+    # worked by hand: means 2.5 and 4.5, variances 5/3, t = -2 / sqrt(5/6), df = 6, two-sided p from t tables
+    t, p = plot.welch([1.0, 2.0, 3.0, 4.0], [3.0, 4.0, 5.0, 6.0])
+    assert t == pytest.approx(-2.1909, abs=1e-4)
+    assert p == pytest.approx(0.0710, abs=2e-3)
+
+
+def test_runs_without_attention_sample_still_plot(tmp_path):
+    write_run(str(tmp_path), 'cifar10', 'vit', 0, 0.5, attention=False)
+    plot.main(str(tmp_path))
+    assert (tmp_path / 'cifar10_val_loss.png').exists() and not (tmp_path / 'cifar10_attention.png').exists()
+
+
+@pytest.mark.parametrize('setup,message', [
+    (lambda root: None, 'no metrics.json under'),
+    (lambda root: (root / 'a').mkdir() or (root / 'a' / 'metrics.json').write_text('{"run": '), 'is not a valid metrics.json'),
+    (lambda root: (root / 'a').mkdir() or (root / 'a' / 'metrics.json').write_text('{"run": "x"}'), "missing keys"),
+])
+def test_empty_or_malformed_folder_is_a_clear_error(tmp_path, setup, message):
+    setup(tmp_path)
+    proc = subprocess.run([sys.executable, 'plot.py', str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
