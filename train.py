@@ -12,6 +12,7 @@ $ python train.py config/mnist_diff.py --init_from=resume [--eval_only=True]
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -97,6 +98,8 @@ for key, value, ok, rule in [('learning_rate', learning_rate, learning_rate > 0,
                              ('log_interval', log_interval, log_interval >= 1, '>= 1')]:
     if not ok:
         fail(f"{key}={value!r}: must be {rule}")
+if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', device):
+    fail(f"device={device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
     fail(f"dtype={dtype!r}: must be 'auto', 'float32', 'bfloat16' or 'float16'")
 spec = DATASETS[dataset]

@@ -74,9 +74,12 @@ def test_every_config_file_is_valid_and_variants_share_the_recipe():
     (['--dataset=svhn'], "unknown dataset 'svhn'; known: mnist, fashionmnist, cifar10"),
     (['--attention=linear'], "attention='linear': must be 'classic' or 'diff'"),
     (['--augment=mixup'], "augment='mixup': must be one of none, crop, randaugment"),
+    (['--device=tpu'], "device='tpu': must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (['--dtype=float8'], "dtype='float8': must be"),
+    (['--init_from=best'], "init_from='best': must be 'scratch' or 'resume'"),
 ])
 def test_bad_input_is_one_clear_error(args, message, tmp_path):
-    proc = run_train(*args, '--device=cpu', f'--data_dir={tmp_path}', f'--out_dir={tmp_path}', check=False)
+    proc = run_train('--device=cpu', f'--data_dir={tmp_path}', f'--out_dir={tmp_path}', *args, check=False)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr  # one line, no traceback
