@@ -4,7 +4,6 @@ a permutation of indices and every batch a gather, with no DataLoader workers an
 Normalisation and augmentation run batch-wise on the device.
 """
 
-import gzip
 import math
 import os
 import pickle
@@ -40,8 +39,6 @@ FOREGROUND_THRESHOLD = 0.1
 def read_idx(path):
     with open(path, 'rb') as f:
         raw = f.read()
-    if path.endswith('.gz'):
-        raw = gzip.decompress(raw)
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
