@@ -268,6 +268,13 @@ if eval_only:
     log(json.dumps(dict(checkpoint=ckpt_path, val_loss=val_loss, val_acc=val_acc, test_loss=test_loss, test_acc=test_acc)))
     sys.exit(0)
 
+def stop_if_not_finite(epoch):
+    step = bad_step.item()  # the first step whose loss was NaN or inf, or -1
+    if step >= 0:
+        fail(f"non-finite loss at epoch {epoch + 1}, step {step} (learning rate {get_lr(step):.3g}); stopped, the last "
+             f"good checkpoint {ckpt_path} is kept. Try a lower --learning_rate or --dtype=float32")
+
+
 # SIGINT / SIGTERM: finish the current step, save, and say how to go on
 stop_signal = None
 
@@ -319,10 +326,7 @@ while state['epoch'] < epochs:
         state['step'], state['batch'] = step + 1, i + 1
         images_since_log += len(y) * world_size
         if (step + 1) % log_interval == 0 or stop_signal is not None:
-            if bad_step.item() >= 0:
-                fail(f"non-finite loss at epoch {epoch + 1}, step {bad_step.item()} (learning rate "
-                     f"{get_lr(bad_step.item()):.3g}); stopped, the last good checkpoint {ckpt_path} is kept. "
-                     f"Try a lower --learning_rate or --dtype=float32")
+            stop_if_not_finite(epoch)
             dt = time.time() - t_log
             steps_left = total_steps - step - 1
             log(f"epoch {epoch + 1}/{epochs} | step {step + 1}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
@@ -339,11 +343,8 @@ while state['epoch'] < epochs:
             sys.exit(128 + stop_signal)
     if ddp:
         dist.all_reduce(epoch_sums)
+    stop_if_not_finite(epoch)
     train_loss_sum, train_correct, n = epoch_sums.tolist()
-    if bad_step.item() >= 0 or not math.isfinite(train_loss_sum):
-        fail(f"non-finite loss at epoch {epoch + 1}, step {bad_step.item()} (learning rate "
-             f"{get_lr(max(bad_step.item(), 0)):.3g}); stopped, the last good checkpoint {ckpt_path} is kept. "
-             f"Try a lower --learning_rate or --dtype=float32")
     state['train_time'] += time.time() - t_epoch
     state['train_images'] += (steps_per_epoch - first_batch) * batch_size
     val_loss, val_acc = evaluate('val')
