@@ -218,11 +218,13 @@ def rand_augment(x, num_ops=2, magnitude=10):
     return x
 
 
-AUGMENTATIONS = ('none', 'crop', 'randaugment')
+AUGMENTATIONS = ('none', 'flip', 'crop', 'randaugment')
 
 
 def augment_batch(x, policy):
     """Training augmentation of float images in [0, 1]; policy is one of AUGMENTATIONS."""
+    if policy == 'flip':
+        return random_flip(x)  # for FashionMNIST: clothes are left-right symmetric, digits are not
     if policy == 'crop':
         return random_crop(x, 2)  # shifts of up to 2 pixels: digits and clothes must not be flipped
     if policy == 'randaugment':

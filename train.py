@@ -40,7 +40,7 @@ log_interval = 100  # steps between progress lines
 # data
 dataset = 'mnist'
 data_dir = 'data'
-augment = 'none'  # 'none', 'crop' (random shifts of up to 2 pixels) or 'randaugment' (crop, flip, RandAugment)
+augment = 'none'  # 'none', 'flip' (horizontal), 'crop' (shifts of up to 2 pixels), 'randaugment' (crop, flip, RandAugment)
 # model
 patch_size = 4
 n_layer = 2

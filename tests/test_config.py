@@ -73,7 +73,7 @@ def test_every_config_file_is_valid_and_variants_share_the_recipe():
     (['--patch_size=5'], 'image_size=28 is not divisible by patch_size=5'),
     (['--dataset=svhn'], "unknown dataset 'svhn'; known: mnist, fashionmnist, cifar10"),
     (['--attention=linear'], "attention='linear': must be 'classic' or 'diff'"),
-    (['--augment=mixup'], "augment='mixup': must be one of none, crop, randaugment"),
+    (['--augment=mixup'], "augment='mixup': must be one of none, flip, crop, randaugment"),
     (['--device=tpu'], "device='tpu': must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (['--dtype=float8'], "dtype='float8': must be"),
     (['--init_from=best'], "init_from='best': must be 'scratch' or 'resume'"),

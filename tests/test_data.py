@@ -50,7 +50,7 @@ def test_normalisation():
     torch.testing.assert_close(normalize(torch.full((1, 1, 2, 2), 0.1307), 'mnist'), torch.zeros(1, 1, 2, 2))
 
 
-@pytest.mark.parametrize('policy', ['none', 'crop', 'randaugment'])
+@pytest.mark.parametrize('policy', ['none', 'flip', 'crop', 'randaugment'])
 def test_augmentation_keeps_shape_range_and_labels(data_dir, policy):
     x, y = load_dataset('cifar10', data_dir)['train']
     x, y = x[:256].float() / 255, y[:256]
@@ -64,6 +64,8 @@ def test_augmentation_keeps_shape_range_and_labels(data_dir, policy):
         changed = (out - x).abs().flatten(1).amax(1) > 1e-6
         assert changed.float().mean() > 0.5  # most images are altered...
         assert not changed.all() or policy == 'randaugment'
+    if policy == 'flip':
+        assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for o, i in zip(out, x))
 
 
 def test_random_crop_is_a_shift():
