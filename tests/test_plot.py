@@ -73,6 +73,8 @@ def test_runs_without_attention_sample_still_plot(tmp_path):
     write_run(str(tmp_path), 'cifar10', 'vit', 0, 0.5, attention=False)
     plot.main(str(tmp_path))
     assert (tmp_path / 'cifar10_val_loss.png').exists() and not (tmp_path / 'cifar10_attention.png').exists()
+    row = next(line for line in (tmp_path / 'README.md').read_text().splitlines() if line.startswith('| cifar10_vit'))
+    assert row.split(' | ')[4] == '50.00' and row.split(' | ')[6] == '1'  # one seed: the value, no ± 0
 
 
 @pytest.mark.parametrize('setup,message', [
