@@ -142,7 +142,7 @@ def attention_figure(dataset, by_run, path, n_images=8):
             h, w = image.shape[1:]
             shown = ax.imshow(attn, cmap='RdBu_r' if signed else 'inferno', alpha=0.6, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
                               vmin=-limit if signed else 0, vmax=limit, interpolation='nearest')
-        axes[i, 0].set_ylabel(run + ('\n(signed)' if signed else ''), fontsize=9)
+        axes[i, 0].set_ylabel(variant(run) + ('\n(signed)' if signed else ''), fontsize=9)
         fig.colorbar(shown, ax=axes[i, :].tolist(), fraction=0.02, pad=0.01)
     for ax in axes.flat:
         ax.set_xticks([])
