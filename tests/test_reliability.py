@@ -81,6 +81,12 @@ def test_resume_with_a_different_model(data_dir, checkpointed):
     one_line_error(proc, 'holds a different model', "'n_embd': (32, 48)")
 
 
+def test_resume_from_a_foreign_checkpoint(data_dir, tmp_path):
+    torch.save({'state_dict': {'w': torch.zeros(2)}}, tmp_path / 'ckpt.pt')  # loads fine, but is not ours
+    proc = run_train(*args_for(data_dir, tmp_path, '--init_from=resume'), check=False)
+    one_line_error(proc, 'is not a checkpoint of this project')
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['PAYLOAD_MARKER']}",))
