@@ -171,7 +171,8 @@ if init_from == 'resume':
         fail(f"cannot load {ckpt_path}: it is corrupt or not a checkpoint of this project "
              f"({type(e).__name__}: {str(e).splitlines()[0]})")
     if not isinstance(checkpoint, dict) or not {'model', 'optimizer', 'scaler', 'model_args', 'state', 'rng_cpu'} <= set(checkpoint):
-        fail(f"{ckpt_path} is not a checkpoint of this project (it lacks model, optimizer, scaler, model_args, state or rng_cpu)")
+        fail(f"{ckpt_path} is not a checkpoint of this project "
+             "(it lacks model, optimizer, scaler, model_args, state or rng_cpu)")
     if checkpoint['model_args'] != asdict(model_args):
         diff = {k: (v, asdict(model_args)[k]) for k, v in checkpoint['model_args'].items() if v != asdict(model_args)[k]}
         fail(f"{ckpt_path} holds a different model; checkpoint vs requested: {diff}")
