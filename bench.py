@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from configurator import apply_config, read_defaults
+from configurator import apply_config, read_defaults, resolve_auto
 from data import DATASETS, augment_batch, batches, load_dataset, normalize
 from model import ViT, ViTConfig
 
@@ -37,11 +37,7 @@ num_workers = 2  # DataLoader worker processes for the torchvision pipeline
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 apply_config(globals())
 config_name = next((os.path.basename(a) for a in sys.argv[1:] if not a.startswith('--')), 'train.py defaults')
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+device, device_type, dtype, use_compile = resolve_auto(device, dtype, compile)  # compile: for --pipeline
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -105,12 +101,12 @@ class Naive(torch.nn.Module):
         return self.model(x, return_attn=True)[0]
 
 
-def bench_step(kind, impl, use_compile):
+def bench_step(kind, impl, compiled):
     torch.manual_seed(0)
     model = ViT(model_config(kind)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device_type == 'cuda')
     net = Naive(model) if impl == 'naive' else model
-    if use_compile:
+    if compiled:
         net = torch.compile(net)
     step = make_step(net, optimizer)
     x = torch.randn(batch_size, *spec['shape'], device=device)
@@ -127,7 +123,7 @@ def bench_step(kind, impl, use_compile):
         step(x, y)
     sync()
     dt = (time.time() - t0) / timed_steps
-    result = dict(config=config_name, attention=kind, impl=impl, compile=use_compile, device=device, dtype=dtype,
+    result = dict(config=config_name, attention=kind, impl=impl, compile=compiled, device=device, dtype=dtype,
                   batch_size=batch_size, img_per_s=batch_size / dt, step_ms=1000 * dt, peak_mem_mb=peak_memory_mb(),
                   warmup_s=warmup_s, params=model.num_params(), gflops_per_img=flops_per_image(model.config) / 1e9)
     if peak_flops():
@@ -165,7 +161,7 @@ def bench_pipeline(kind):
         torch.manual_seed(0)
         model = ViT(model_config(kind)).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device_type == 'cuda')
-        net = torch.compile(model) if (device_type == 'cuda' if compile == 'auto' else compile) else model
+        net = torch.compile(model) if use_compile else model
         step = make_step(net, optimizer)
         step(normalize(x_dev[:batch_size], dataset), y_dev[:batch_size])  # compile outside the timing
         sync()
@@ -194,11 +190,11 @@ print(f"{'attention':>9} {'impl':>6} {'compile':>7} {'img/s':>10} {'step ms':>8}
 results = []
 for kind in attentions.split(','):
     for impl in impls.split(','):
-        for use_compile in compile_options:
-            r = bench_step(kind, impl, use_compile)
+        for compiled in compile_options:
+            r = bench_step(kind, impl, compiled)
             results.append(r)
             mfu = f"{100 * r['mfu']:.1f}%" if 'mfu' in r else '–'
-            print(f"{kind:>9} {impl:>6} {str(use_compile):>7} {r['img_per_s']:>10,.0f} {r['step_ms']:>8.2f} "
+            print(f"{kind:>9} {impl:>6} {str(compiled):>7} {r['img_per_s']:>10,.0f} {r['step_ms']:>8.2f} "
                   f"{r['peak_mem_mb']:>8.0f} {mfu:>6}", flush=True)
 print(f"model FLOPs per training image (matmuls, fwd + bwd): "
       + ', '.join(f"{k} {flops_per_image(model_config(k)) / 1e6:.1f} M" for k in attentions.split(',')))

@@ -72,6 +72,19 @@ def read_defaults(script):
     return defaults
 
 
+def resolve_auto(device, dtype, compile):
+    """The 'auto' system settings made concrete: CUDA when present; bfloat16 on CUDA (float16 on GPUs without
+    it), float32 on the CPU; torch.compile on CUDA only. Returns (device, device_type, dtype, use_compile)."""
+    import torch
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    if dtype == 'auto':
+        dtype = 'float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    use_compile = device_type == 'cuda' if compile == 'auto' else compile
+    return device, device_type, dtype, use_compile
+
+
 def apply_config(scope, argv=None):
     """Applies configure() to a script's globals(); prints what changed. Exits with one line on bad input."""
     defaults = {k: v for k, v in scope.items()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import apply_config
+from configurator import apply_config, resolve_auto
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, foreground_patches, load_dataset, normalize
 from model import ViT, ViTConfig, attention_focus
 
@@ -114,9 +114,7 @@ config = {k: globals()[k] for k in config_keys}
 # distributed set-up: torchrun sets RANK; each rank trains on its shard, rank 0 alone prints and writes
 ddp = 'RANK' in os.environ
 rank, world_size = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+device, device_type, dtype, use_compile = resolve_auto(device, dtype, compile)
 if device_type == 'cuda' and not torch.cuda.is_available():
     fail(f"device={device!r} but CUDA is not available; use --device=cpu")
 if ddp:
@@ -128,9 +126,6 @@ master = rank == 0
 if batch_size % world_size:
     fail(f"batch_size={batch_size} must be divisible by the number of ranks ({world_size})")
 local_batch_size = batch_size // world_size
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-use_compile = device_type == 'cuda' if compile == 'auto' else compile
 torch.manual_seed(seed + rank)  # ranks share the model (DDP broadcasts it) but not their dropout/augmentation
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
