@@ -1,9 +1,8 @@
 """
 Training-step throughput of the real model and optimizer, for a config given as to train.py:
 $ python bench.py config/cifar10_diff.py --batch_size=256
-Times forward + backward + AdamW step after warm-up for each setting: attention classic / diff, impl fused (the
-model's scaled_dot_product_attention path) / naive (explicit matmul-softmax attention, same weights), compile
-off / on. Prints a table and one JSON line per setting. With --pipeline=True it also times whole epochs of
+Times forward + backward + AdamW step after warm-up for each setting: attention classic / diff, impl fused
+(scaled_dot_product_attention) / explicit (the model's matmul-softmax path, same weights), compile off / on. Prints a table and one JSON line per setting. With --pipeline=True it also times whole epochs of
 the resident data pipeline (data.py) against a torchvision Dataset + DataLoader with per-sample transforms,
 both feeding the same model.
 """
@@ -26,7 +25,7 @@ from model import ViT, ViTConfig
 # every train.py global (so its config files work here), then the benchmark's own
 globals().update(read_defaults(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
 attentions = 'classic,diff'  # which attention kinds to time
-impls = 'fused,naive'
+impls = 'fused,explicit'  # attention paths: scaled_dot_product_attention, matmul-softmax
 compiles = 'auto'  # 'auto': eager and compiled; or False / True
 warmup_steps = 10
 timed_steps = 30
@@ -46,10 +45,10 @@ spec = DATASETS[dataset]
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12}
 
 
-def model_config(kind):
+def model_config(kind, impl=attn_impl):
     return ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
                      patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_dim=mlp_dim,
-                     dropout=dropout, attention=kind)
+                     dropout=dropout, attention=kind, attn_impl=impl)
 
 
 def flops_per_image(config):
@@ -90,24 +89,11 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark on the CPU
 
 
-class Naive(torch.nn.Module):
-    """The same model through its explicit matmul-softmax attention path."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x, return_attn=True)[0]
-
-
 def bench_step(kind, impl, compiled):
     torch.manual_seed(0)
-    model = ViT(model_config(kind)).to(device)
+    model = ViT(model_config(kind, impl)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device_type == 'cuda')
-    net = Naive(model) if impl == 'naive' else model
-    if compiled:
-        net = torch.compile(net)
+    net = torch.compile(model) if compiled else model
     step = make_step(net, optimizer)
     x = torch.randn(batch_size, *spec['shape'], device=device)
     y = torch.randint(0, spec['num_classes'], (batch_size,), device=device)

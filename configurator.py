@@ -73,14 +73,18 @@ def read_defaults(script):
 
 
 def resolve_auto(device, dtype, compile):
-    """The 'auto' system settings made concrete: CUDA when present; bfloat16 on CUDA (float16 on GPUs without
-    it), float32 on the CPU; torch.compile on CUDA only. Returns (device, device_type, dtype, use_compile)."""
+    """The 'auto' system settings made concrete: CUDA when present; bfloat16 where the hardware computes in it
+    (float16 on older GPUs, float32 on CPUs without AVX512-BF16 or AMX, where bfloat16 is emulated and slow);
+    torch.compile on CUDA only. Returns (device, device_type, dtype, use_compile)."""
     import torch
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    if dtype == 'auto':
-        dtype = 'float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if dtype == 'auto' and device_type == 'cuda':
+        dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    elif dtype == 'auto':
+        native = [getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+        dtype = 'bfloat16' if any(native) else 'float32'
     use_compile = device_type == 'cuda' if compile == 'auto' else compile
     return device, device_type, dtype, use_compile
 

@@ -25,10 +25,13 @@ class ViTConfig:
     mlp_dim: int = 128
     dropout: float = 0.0
     attention: str = 'diff'  # 'classic' or 'diff'
+    attn_impl: str = 'auto'  # 'fused' (scaled_dot_product_attention), 'explicit', or 'auto': fused on CUDA only
 
     def __post_init__(self):
         if self.attention not in ('classic', 'diff'):
             raise ValueError(f"attention={self.attention!r}: must be 'classic' or 'diff'")
+        if self.attn_impl not in ('auto', 'fused', 'explicit'):
+            raise ValueError(f"attn_impl={self.attn_impl!r}: must be 'auto', 'fused' or 'explicit'")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
         if self.n_embd % self.n_head:
@@ -51,20 +54,28 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, num_patches, n_embd)
 
 
+def use_explicit(attn_impl, x, return_attn):
+    # the fused kernels pay off on CUDA; on the CPU, at tens of tokens, the explicit matmul-softmax is faster
+    # (1.3-2.4x per training step in bench.py, the most in bfloat16)
+    return return_attn or attn_impl == 'explicit' or (attn_impl == 'auto' and not x.is_cuda)
+
+
 class Attention(nn.Module):
     """Classic multi-head self-attention: softmax(Q Kᵀ / √d) V per head."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head = config.n_head
+        self.attn_impl = config.attn_impl
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
 
     def forward(self, x, return_attn=False):
         B, T, C = x.size()
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, d)
-        if return_attn:
-            att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), dim=-1)
+        if use_explicit(self.attn_impl, x, return_attn):
+            # softmax in float32 under autocast too, as the fused kernels do
+            att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), dim=-1, dtype=torch.float32)
             y = att @ v
         else:
             att = None
@@ -93,6 +104,7 @@ class DiffAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head // 2
         self.head_dim = config.n_embd // config.n_head  # d: width of one query/key group
+        self.attn_impl = config.attn_impl
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.lambda_init = lambda_init_fn(layer_idx)
@@ -115,9 +127,10 @@ class DiffAttention(nn.Module):
         k1, k2 = k.view(B, T, h, 2, d).permute(3, 0, 2, 1, 4)
         v = v.view(B, T, h, 2 * d).transpose(1, 2)  # (B, h, T, 2d)
         lam = self.lambda_full()
-        if return_attn:
-            att1 = torch.softmax(q1 @ k1.transpose(-2, -1) / math.sqrt(d), dim=-1)
-            att2 = torch.softmax(q2 @ k2.transpose(-2, -1) / math.sqrt(d), dim=-1)
+        if use_explicit(self.attn_impl, x, return_attn):
+            # softmax and the difference in float32 under autocast too: the difference cancels most of the mass
+            att1 = torch.softmax(q1 @ k1.transpose(-2, -1) / math.sqrt(d), dim=-1, dtype=torch.float32)
+            att2 = torch.softmax(q2 @ k2.transpose(-2, -1) / math.sqrt(d), dim=-1, dtype=torch.float32)
             att = att1 - lam * att2
             y = att @ v
         else:

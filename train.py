@@ -49,6 +49,7 @@ n_embd = 64
 mlp_dim = 128
 dropout = 0.0
 attention = 'diff'  # 'classic' or 'diff'
+attn_impl = 'auto'  # 'fused' (scaled_dot_product_attention), 'explicit' (matmul-softmax), 'auto': fused on CUDA only
 # optimizer: AdamW, linear warmup then cosine decay to min_lr, per step
 epochs = 10
 batch_size = 128  # global: split across the ranks under torchrun
@@ -63,7 +64,7 @@ label_smoothing = 0.1
 # system
 seed = 0
 device = 'auto'  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'  # 'auto' (bfloat16 on CUDA where supported, float16 on older GPUs, float32 on CPU), or by name
+dtype = 'auto'  # 'auto': bfloat16 where the hardware has it (CUDA, CPUs with AVX512-BF16/AMX), else float16/32
 compile = 'auto'  # True, False, or 'auto': on for CUDA; off on CPU, where it measured no faster
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -106,7 +107,7 @@ spec = DATASETS[dataset]
 try:
     model_args = ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
                            patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_dim=mlp_dim,
-                           dropout=dropout, attention=attention)
+                           dropout=dropout, attention=attention, attn_impl=attn_impl)
 except ValueError as e:
     fail(e)
 config = {k: globals()[k] for k in config_keys}

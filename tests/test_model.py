@@ -57,7 +57,7 @@ def randomise_lambdas(model):
 
 @pytest.mark.parametrize('attention', ['classic', 'diff'])
 def test_fused_path_equals_explicit_path(attention):
-    model = small(attention)
+    model = small(attention, attn_impl='fused')
     randomise_lambdas(model)
     x = torch.randn(4, 3, 16, 16)
     fused = model(x)
@@ -70,6 +70,24 @@ def test_fused_path_equals_explicit_path(attention):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_attn_impl_picks_the_path(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *args: calls.append(1) or sdpa(*args))
+    x = torch.randn(2, 3, 16, 16)
+    for attention in ('classic', 'diff'):
+        per_layer = 2 if attention == 'diff' else 1
+        for impl, expected in (('fused', 3 * per_layer), ('explicit', 0), ('auto', 0)):  # 'auto' on the CPU: explicit
+            calls.clear()
+            small(attention, attn_impl=impl)(x)
+            assert len(calls) == expected, (attention, impl)
+        calls.clear()
+        small(attention, attn_impl='fused')(x, return_attn=True)  # the maps always come from the explicit path
+        assert not calls
+    with pytest.raises(ValueError, match="attn_impl='flash'"):
+        ViTConfig(attn_impl='flash')
 
 
 def naive_attention(x, qkv, proj, n_head):
@@ -114,7 +132,7 @@ def reference_diff_attention(x, attn):
 
 
 def test_diff_attention_equals_authors_reference():
-    model = small('diff')
+    model = small('diff', attn_impl='fused')
     randomise_lambdas(model)
     with torch.no_grad():
         model.blocks[1].attn.subln.weight.uniform_(0.5, 1.5)
