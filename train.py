@@ -199,38 +199,35 @@ def get_lr(step):
 
 
 @torch.no_grad()
-def evaluate(split):
-    """Loss (with the training label smoothing, as the old project reported it) and accuracy on a split."""
+def evaluate(split, focus=False):
+    """Loss (with the training label smoothing, as the old project reported it) and accuracy on a split; with
+    focus=True also the last layer's mean attention focus, in the same pass."""
     x, y = splits[split]
     model.eval()
-    sums = torch.zeros(2, device=device)
+    sums = torch.zeros(3, device=device)
     for idx in batches(len(x), 1000, device):
         with autocast:
-            logits = model(normalize(x[idx], dataset))
+            if focus:
+                logits, maps = raw_model(normalize(x[idx], dataset), return_attn=True)
+                sums[2] += attention_focus(maps[-1][:, :, 0, 1:], foreground_patches(x[idx], patch_size)).sum()
+            else:
+                logits = model(normalize(x[idx], dataset))
         sums[0] += F.cross_entropy(logits.float(), y[idx], label_smoothing=label_smoothing, reduction='sum')
         sums[1] += (logits.argmax(1) == y[idx]).sum()
     model.train()
-    loss, correct = sums.tolist()
-    return loss / len(x), correct / len(x)
+    loss, correct, focus_sum = sums.tolist()
+    return loss / len(x), correct / len(x), focus_sum / len(x) if focus else None
 
 
 @torch.no_grad()
-def attention_outputs():
-    """The CLS row of every layer's attention for the first 16 test images (the same for every run of a
-    dataset), and the mean attention focus of the last layer over the whole test set."""
+def attention_sample():
+    """The CLS row of every layer's attention for the first 16 test images, the same for every run of a dataset."""
     x, y = splits['test']
     raw_model.eval()
-    _, maps = raw_model(normalize(x[:16], dataset), return_attn=True)
-    sample = dict(images=x[:16].cpu().numpy(), labels=y[:16].cpu().numpy(), patch_size=np.array(patch_size),
-                  cls_attn=torch.stack([m[:, :, 0, 1:] for m in maps]).float().cpu().numpy())  # (L, 16, heads, P)
-    focus = None
-    if spec['foreground']:
-        total = torch.zeros((), device=device)
-        for idx in batches(len(x), 1000, device):
-            _, maps = raw_model(normalize(x[idx], dataset), return_attn=True)
-            total += attention_focus(maps[-1][:, :, 0, 1:], foreground_patches(x[idx], patch_size)).sum()
-        focus = total.item() / len(x)
-    return sample, focus
+    with autocast:
+        _, maps = raw_model(normalize(x[:16], dataset), return_attn=True)
+    return dict(images=x[:16].cpu().numpy(), labels=y[:16].cpu().numpy(), patch_size=np.array(patch_size),
+                cls_attn=torch.stack([m[:, :, 0, 1:] for m in maps]).float().cpu().numpy())  # (L, 16, heads, P)
 
 
 def write_atomic(path, write):
@@ -263,9 +260,11 @@ def save_metrics(test=None, attn_focus=None):
 
 
 if eval_only:
-    (val_loss, val_acc), (test_loss, test_acc) = evaluate('val'), evaluate('test')
-    log(json.dumps(dict(checkpoint=ckpt_path, val_loss=val_loss, val_acc=val_acc, test_loss=test_loss, test_acc=test_acc)))
+    (val_loss, val_acc, _), (test_loss, test_acc, focus) = evaluate('val'), evaluate('test', focus=spec['foreground'])
+    log(json.dumps(dict(checkpoint=ckpt_path, val_loss=val_loss, val_acc=val_acc, test_loss=test_loss, test_acc=test_acc,
+                        attn_focus=focus)))
     sys.exit(0)
+
 
 def stop_if_not_finite(epoch):
     step = bad_step.item()  # the first step whose loss was NaN or inf, or -1
@@ -346,7 +345,7 @@ while state['epoch'] < epochs:
     train_loss_sum, train_correct, n = epoch_sums.tolist()
     state['train_time'] += time.time() - t_epoch
     state['train_images'] += (steps_per_epoch - first_batch) * batch_size
-    val_loss, val_acc = evaluate('val')
+    val_loss, val_acc, _ = evaluate('val')
     state['elapsed'] = time.time() - start
     state['history'].append(dict(epoch=epoch + 1, step=state['step'], lr=get_lr(state['step'] - 1), train_loss=train_loss_sum / n,
                                  train_acc=train_correct / n, val_loss=val_loss, val_acc=val_acc,
@@ -360,9 +359,9 @@ while state['epoch'] < epochs:
         save_checkpoint()
         save_metrics()
 
-test_loss, test_acc = evaluate('test')
+test_loss, test_acc, focus = evaluate('test', focus=spec['foreground'])
 if master:
-    sample, focus = attention_outputs()
+    sample = attention_sample()
     write_atomic(os.path.join(out_dir, 'attention.npz'), lambda f: np.savez_compressed(f, **sample))
     save_metrics(test=dict(loss=test_loss, acc=test_acc), attn_focus=focus)
     log(f"test loss {test_loss:.4f} acc {test_acc:.4f}" + (f" | attention focus {focus:.4f}" if focus is not None else "")

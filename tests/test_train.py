@@ -60,6 +60,7 @@ def test_eval_only_reproduces_the_test_result(finished_run, data_dir):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     test = read_metrics(out_dir)['test']
     assert result['test_acc'] == test['acc'] and result['test_loss'] == pytest.approx(test['loss'], rel=1e-6)
+    assert result['attn_focus'] == pytest.approx(read_metrics(out_dir)['attn_focus'], rel=1e-6)
 
 
 def interrupt_after(args, line, sig=signal.SIGTERM):
