@@ -52,11 +52,11 @@ attention = 'diff'  # 'classic' or 'diff'
 attn_impl = 'auto'  # 'fused' (scaled_dot_product_attention), 'explicit' (matmul-softmax), 'auto': fused on CUDA only
 # optimizer: AdamW, linear warmup then cosine decay to min_lr, per step
 epochs = 10
-batch_size = 128  # global: split across the ranks under torchrun
-learning_rate = 2e-3
+batch_size = 64  # global: split across the ranks under torchrun
+learning_rate = 3e-3
 min_lr = 1e-5
 warmup_epochs = 1.0
-weight_decay = 0.05
+weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0  # 0 disables clipping

@@ -84,3 +84,8 @@ def test_bad_input_is_one_clear_error(args, message, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr  # one line, no traceback
     assert message in proc.stderr
+
+
+def test_train_defaults_are_the_mnist_diff_config():
+    """train.py with no config file trains config/mnist_diff.py, as its header says."""
+    assert configure(DEFAULTS, [os.path.join(ROOT, 'config', 'mnist_diff.py')]) == {}  # it changes nothing
