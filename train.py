@@ -53,7 +53,7 @@ attn_impl = 'auto'  # 'fused' (scaled_dot_product_attention), 'explicit' (matmul
 # optimizer: AdamW, linear warmup then cosine decay to min_lr, per step
 epochs = 10
 batch_size = 64  # global: split across the ranks under torchrun
-learning_rate = 3e-3
+learning_rate = 1e-3
 min_lr = 1e-5
 warmup_epochs = 1.0
 weight_decay = 0.1

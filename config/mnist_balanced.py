@@ -13,7 +13,7 @@ dropout = 0.0
 # recipe chosen on the validation split, the same for the three mnist variants
 epochs = 10
 batch_size = 64
-learning_rate = 3e-3
+learning_rate = 1e-3
 min_lr = 1e-5
 warmup_epochs = 1.0
 weight_decay = 0.1
