@@ -9,7 +9,6 @@ both feeding the same model.
 
 import json
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -17,7 +16,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from configurator import apply_config, read_defaults, resolve_auto
+from configurator import apply_config, peak_memory_mb, read_defaults, resolve_auto
 from data import DATASETS, augment_batch, batches, load_dataset, normalize
 from model import ViT, ViTConfig
 
@@ -83,12 +82,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def peak_memory_mb():
-    if device_type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark on the CPU
-
-
 def bench_step(kind, impl, compiled):
     torch.manual_seed(0)
     model = ViT(model_config(kind, impl)).to(device)
@@ -110,7 +103,7 @@ def bench_step(kind, impl, compiled):
     sync()
     dt = (time.time() - t0) / timed_steps
     result = dict(config=config_name, attention=kind, impl=impl, compile=compiled, device=device, dtype=dtype,
-                  batch_size=batch_size, img_per_s=batch_size / dt, step_ms=1000 * dt, peak_mem_mb=peak_memory_mb(),
+                  batch_size=batch_size, img_per_s=batch_size / dt, step_ms=1000 * dt, peak_mem_mb=peak_memory_mb(device),
                   warmup_s=warmup_s, params=model.num_params(), gflops_per_img=flops_per_image(model.config) / 1e9)
     if peak_flops():
         result['mfu'] = result['img_per_s'] * flops_per_image(model.config) / peak_flops()

@@ -89,6 +89,15 @@ def resolve_auto(device, dtype, compile):
     return device, device_type, dtype, use_compile
 
 
+def peak_memory_mb(device):
+    """High-water mark of memory so far: allocated CUDA memory on a GPU, the process's resident set on the CPU."""
+    import resource
+    import torch
+    if str(device).startswith('cuda'):
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def apply_config(scope, argv=None):
     """Applies configure() to a script's globals(); prints what changed. Exits with one line on bad input."""
     defaults = {k: v for k, v in scope.items()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import apply_config, resolve_auto
+from configurator import apply_config, peak_memory_mb, resolve_auto
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, foreground_patches, load_dataset, normalize
 from model import ViT, ViTConfig, attention_focus
 
@@ -347,14 +347,15 @@ while state['epoch'] < epochs:
     state['train_images'] += (steps_per_epoch - first_batch) * batch_size
     val_loss, val_acc, _ = evaluate('val')
     state['elapsed'] = time.time() - start
-    state['history'].append(dict(epoch=epoch + 1, step=state['step'], lr=get_lr(state['step'] - 1), train_loss=train_loss_sum / n,
-                                 train_acc=train_correct / n, val_loss=val_loss, val_acc=val_acc,
-                                 time_s=state['elapsed']))
+    epoch_row = dict(epoch=epoch + 1, step=state['step'], lr=get_lr(state['step'] - 1), train_loss=train_loss_sum / n,
+                     train_acc=train_correct / n, val_loss=val_loss, val_acc=val_acc, time_s=state['elapsed'],
+                     peak_mem_mb=peak_memory_mb(device))
+    state['history'].append(epoch_row)
     state['best_val_loss'] = min(state['best_val_loss'], val_loss)
     state.update(epoch=epoch + 1, batch=0, epoch_sums=[0.0, 0.0, 0.0])
     epoch_sums.zero_()
     log(f"epoch {epoch + 1}/{epochs} done | train loss {train_loss_sum / n:.4f} acc {train_correct / n:.4f} | "
-        f"val loss {val_loss:.4f} acc {val_acc:.4f} | {state['elapsed']:.0f}s")
+        f"val loss {val_loss:.4f} acc {val_acc:.4f} | {state['elapsed']:.0f}s | peak memory {epoch_row['peak_mem_mb']:,.0f} MB")
     if master:
         save_checkpoint()
         save_metrics()

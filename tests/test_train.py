@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, TINY, run_train
 
-HISTORY_KEYS = {'epoch', 'step', 'lr', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'time_s'}
+HISTORY_KEYS = {'epoch', 'step', 'lr', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'time_s', 'peak_mem_mb'}
 
 
 def read_metrics(out_dir):
@@ -34,6 +34,7 @@ def test_run_learns_and_writes_valid_metrics(finished_run):
     assert [h['epoch'] for h in m['history']] == [1, 2, 3]
     assert all(set(h) == HISTORY_KEYS for h in m['history'])
     assert all(0 <= h[k] <= 1 for h in m['history'] for k in ('train_acc', 'val_acc'))
+    assert all(h['peak_mem_mb'] > 0 for h in m['history'])
     assert m['history'][-1]['val_loss'] < m['history'][0]['val_loss']
     assert m['best_val_loss'] == min(h['val_loss'] for h in m['history'])
     assert m['test']['acc'] > 0.9  # ten classes: chance is 0.1
@@ -79,7 +80,7 @@ def interrupt_after(args, line, sig=signal.SIGTERM):
 
 
 def without_times(history):
-    return [{k: v for k, v in h.items() if k != 'time_s'} for h in history]
+    return [{k: v for k, v in h.items() if k not in ('time_s', 'peak_mem_mb')} for h in history]
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
