@@ -2,9 +2,10 @@
 Training-step throughput of the real model and optimizer, for a config given as to train.py:
 $ python bench.py config/cifar10_diff.py --batch_size=256
 Times forward + backward + AdamW step after warm-up for each setting: attention classic / diff, impl fused
-(scaled_dot_product_attention) / explicit (the model's matmul-softmax path, same weights), compile off / on. Prints a table and one JSON line per setting. With --pipeline=True it also times whole epochs of
-the resident data pipeline (data.py) against a torchvision Dataset + DataLoader with per-sample transforms,
-both feeding the same model.
+(scaled_dot_product_attention) / explicit (the model's matmul-softmax path, same weights), compile off / on.
+Prints a table and one JSON line per setting. With --pipeline=True it also times whole epochs of the resident
+data pipeline (data.py) against a torchvision Dataset + DataLoader with per-sample transforms, both feeding
+the same model.
 """
 
 import json
