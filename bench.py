@@ -86,7 +86,7 @@ def sync():
 def bench_step(kind, impl, compiled):
     torch.manual_seed(0)
     model = ViT(model_config(kind, impl)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device_type == 'cuda')
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=True)
     net = torch.compile(model) if compiled else model
     step = make_step(net, optimizer)
     x = torch.randn(batch_size, *spec['shape'], device=device)
@@ -140,7 +140,7 @@ def bench_pipeline(kind):
     for name in ('resident', 'dataloader'):
         torch.manual_seed(0)
         model = ViT(model_config(kind)).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device_type == 'cuda')
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=True)
         net = torch.compile(model) if use_compile else model
         step = make_step(net, optimizer)
         step(normalize(x_dev[:batch_size], dataset), y_dev[:batch_size])  # compile outside the timing

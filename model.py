@@ -137,7 +137,8 @@ class DiffAttention(nn.Module):
             att = None
             # A V = softmax1 V − λ softmax2 V: two fused calls, no T x T map in memory
             y = F.scaled_dot_product_attention(q1, k1, v) - lam * F.scaled_dot_product_attention(q2, k2, v)
-        y = self.subln(y) * (1 - self.lambda_init)
+        # normalised in float32, the dtype of its weight, so that RMSNorm runs its fused kernel under autocast too
+        y = self.subln(y.float()).type_as(y) * (1 - self.lambda_init)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y), att
 

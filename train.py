@@ -146,7 +146,7 @@ model = ViT(model_args).to(device)
 optim_groups = [  # weight decay on weights of 2 or more dimensions only, not on biases, norm gains or λ vectors
     {'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': weight_decay},
     {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]
-optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(beta1, beta2), fused=True)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 steps_per_epoch = len(x_train) // batch_size
 total_steps = epochs * steps_per_epoch
