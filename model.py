@@ -56,7 +56,7 @@ class PatchEmbed(nn.Module):
 
 def use_explicit(attn_impl, x, return_attn):
     # the fused kernels pay off on CUDA; on the CPU, at tens of tokens, the explicit matmul-softmax is faster in
-    # bfloat16 (1.3-2x per training step in bench.py) and about even in float32
+    # bfloat16 (1.1-2.7x per training step in bench.py) and about even in float32
     return return_attn or attn_impl == 'explicit' or (attn_impl == 'auto' and not x.is_cuda)
 
 
