@@ -25,7 +25,7 @@ def check(key, value, defaults):
     ok = (type(value) is type(default) or (default == 'auto' and isinstance(value, bool))
           or (type(default) is float and type(value) is int))
     if not ok:
-        raise ConfigError(f"config key {key!r} must be a {type(default).__name__} (default {default!r}), "
+        raise ConfigError(f"config key {key!r} must be of type {type(default).__name__} (default {default!r}), "
                           f"got {value!r} ({type(value).__name__})")
     return float(value) if type(default) is float else value
 

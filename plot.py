@@ -227,6 +227,8 @@ def main(folder):
 
 
 if __name__ == '__main__':
-    if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
+    if len(sys.argv) != 2:
         fail("usage: python plot.py <results folder>, e.g. python plot.py results/")
+    if not os.path.isdir(sys.argv[1]):
+        fail(f"{sys.argv[1]} is not a folder; usage: python plot.py <results folder>, e.g. python plot.py results/")
     main(sys.argv[1].rstrip('/'))

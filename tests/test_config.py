@@ -37,7 +37,7 @@ def test_unknown_key_in_config_file(tmp_path):
 @pytest.mark.parametrize('arg', ['--epochs=3.5', '--epochs=ten', '--compile=1', '--learning_rate=True'])
 def test_wrong_type_names_key_and_type(arg):
     key = arg[2:].split('=')[0]
-    with pytest.raises(ConfigError, match=f"config key '{key}' must be a"):
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be of type"):
         configure(DEFAULTS, [arg])
 
 
@@ -62,7 +62,7 @@ def test_every_config_file_is_valid_and_variants_share_the_recipe():
 
 @pytest.mark.parametrize('args,message', [
     (['--epoch=3'], "unknown config key 'epoch'"),
-    (['--epochs=3.5'], "config key 'epochs' must be a int"),
+    (['--epochs=3.5'], "config key 'epochs' must be of type int"),
     (['config/nope.py'], "config file 'config/nope.py' not found"),
     (['--learning_rate=0'], 'learning_rate=0.0: must be > 0'),
     (['--epochs=0'], 'epochs=0: must be >= 1'),

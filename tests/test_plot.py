@@ -88,3 +88,10 @@ def test_empty_or_malformed_folder_is_a_clear_error(tmp_path, setup, message):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
+
+
+def test_missing_folder_is_named_in_the_error(tmp_path):
+    missing = str(tmp_path / 'missing')
+    proc = subprocess.run([sys.executable, 'plot.py', missing], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().startswith(f"error: {missing} is not a folder"), proc.stderr
