@@ -227,8 +227,9 @@ def main(folder):
 
 
 if __name__ == '__main__':
+    usage = "usage: python plot.py <results folder>, e.g. python plot.py results/"
     if len(sys.argv) != 2:
-        fail("usage: python plot.py <results folder>, e.g. python plot.py results/")
+        fail(usage)
     if not os.path.isdir(sys.argv[1]):
-        fail(f"{sys.argv[1]} is not a folder; usage: python plot.py <results folder>, e.g. python plot.py results/")
+        fail(f"{sys.argv[1]} is not a folder; {usage}")
     main(sys.argv[1].rstrip('/'))

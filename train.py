@@ -65,7 +65,7 @@ label_smoothing = 0.1
 seed = 0
 device = 'auto'  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto': bfloat16 where the hardware has it (CUDA, CPUs with AVX512-BF16/AMX), else float16/32
-compile = 'auto'  # True, False, or 'auto': on for CUDA; off on CPU, where 13-27 s of compiling outweigh its gain in short runs
+compile = 'auto'  # True, False, or 'auto': on for CUDA; off on CPU, where 13-27 s of compiling outweigh the gain
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 apply_config(globals())
