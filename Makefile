@@ -1,16 +1,22 @@
-# One command per study: every variant of a dataset, for each seed, then the figures and table.
-#   make mnist SEEDS="0 1 2 3 4"     make fashionmnist     make cifar10     make plot
-# Extra train.py flags go in ARGS, e.g. make mnist ARGS="--data_dir=data --device=cpu"
+# The studies: every variant of a dataset for each seed, written to results/<config>/seed<seed>/, then plot.py.
+# A run never replaces one that is already there (train.py refuses): move it away, or add --overwrite=True.
+# Extra train.py flags go in ARGS, e.g. make mnist SEEDS="0 1" ARGS="--data_dir=data --device=cpu"
 SEEDS ?= 0 1 2 3 4
 ARGS ?=
 PYTHON ?= python
 VARIANTS = vit balanced diff
 
-.PHONY: mnist fashionmnist cifar10 plot test
+.PHONY: help mnist fashionmnist cifar10 cifar10_small plot test
 
-mnist fashionmnist cifar10:
+help:
+	@echo "make mnist | fashionmnist | cifar10 | cifar10_small   train a study into results/ (SEEDS=\"$(SEEDS)\", ARGS=...)"
+	@echo "make plot                                           figures and table from results/"
+	@echo "make test                                           the test suite"
+	@echo "Single runs: python train.py config/<file>.py (writes out/, git-ignored); python train.py --help"
+
+mnist fashionmnist cifar10 cifar10_small:
 	@for seed in $(SEEDS); do for v in $(VARIANTS); do \
-		$(PYTHON) train.py config/$@_$$v.py --seed=$$seed $(ARGS) || exit 1; \
+		$(PYTHON) train.py config/$@_$$v.py --seed=$$seed --out_dir=results/$@_$$v/seed$$seed $(ARGS) || exit 1; \
 	done; done
 	$(PYTHON) plot.py results/
 

@@ -14,6 +14,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # as in train.py: threads that spin collapse on a shared CPU
 import torch
 import torch.nn.functional as F
 
@@ -21,9 +22,11 @@ from configurator import apply_config, peak_memory_mb, read_defaults, resolve_au
 from data import DATASETS, augment_batch, batches, load_dataset, normalize
 from model import ViT, ViTConfig
 
-# -----------------------------------------------------------------------------
 # every train.py global (so its config files work here), then the benchmark's own
-globals().update(read_defaults(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')))
+_train_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+globals().update(read_defaults(_train_script))
+# -----------------------------------------------------------------------------
+# benchmark
 attentions = 'classic,diff'  # which attention kinds to time
 impls = 'fused,explicit'  # attention paths: scaled_dot_product_attention, matmul-softmax
 compiles = 'auto'  # 'auto': eager and compiled; or False / True
@@ -34,7 +37,9 @@ pipeline_epochs = 1
 num_workers = 2  # DataLoader worker processes for the torchvision pipeline
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-apply_config(globals())
+apply_config(globals(), help_scripts=[_train_script, __file__])
+if compiles not in (True, False, 'auto'):
+    sys.exit(f"error: compiles={compiles!r}: must be True, False or 'auto'")
 config_name = next((os.path.basename(a) for a in sys.argv[1:] if not a.startswith('--')), 'train.py defaults')
 device, device_type, dtype, use_compile = resolve_auto(device, dtype, compile)  # compile: for --pipeline
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))

@@ -3,7 +3,9 @@ Overrides a script's default globals, as nanoGPT does:
     python train.py config/mnist_vit.py --epochs=3 --seed=1
 Each positional argument is a config file: trusted Python that is exec'd and may set any of the globals.
 Each --key=value sets one global; the value is parsed as a Python literal (never executed) and must have
-the type of the default. Unknown keys and wrong types are errors that name the key.
+the type of the default. Config files apply first, in their order, then the flags, wherever they stand.
+Unknown keys and wrong types are errors that name the key. A leading ~ in a *_dir value is expanded.
+--help or -h prints every setting with its default and comment, grouped as in the script.
 """
 
 import ast
@@ -33,7 +35,8 @@ def check(key, value, defaults):
 def configure(defaults, argv):
     """Returns the overrides that the config files and --key=value arguments in argv make to defaults."""
     overrides = {}
-    for arg in argv:
+    config_files_first = sorted(argv, key=lambda arg: arg.startswith('--'))  # a stable sort keeps each group's order
+    for arg in config_files_first:
         if not arg.startswith('--'):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file {arg!r} not found (config files live in config/)")
@@ -55,21 +58,47 @@ def configure(defaults, argv):
             except (ValueError, SyntaxError):
                 value = text  # a bare word such as --dataset=mnist is a string
             overrides[key] = check(key, value, defaults)
+    for key, value in overrides.items():
+        if key.endswith('_dir'):
+            overrides[key] = os.path.expanduser(value)
     return overrides
 
 
-def read_defaults(script):
-    """A script's default config globals, read from its source without running it: the constant assignments
-    at module level above the line that starts with `config_keys`."""
+def config_block(script):
+    """The config section of a script's source: (line, assigned name or None, its ast node or None) for each line
+    from the first `# ---` rule up to the line that starts with `config_keys`."""
     with open(script) as f:
-        tree = ast.parse(f.read())
-    defaults = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id == 'config_keys':
-                break
-            defaults[node.targets[0].id] = literal_eval(node.value)
-    return defaults
+        source = f.read()
+    assigned = {node.lineno: node for node in ast.parse(source).body
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    lines, block = source.splitlines(), []
+    start = next(i for i, line in enumerate(lines) if line.startswith('# ---'))
+    for number, line in enumerate(lines[start + 1:], start=start + 2):
+        if line.startswith('config_keys'):
+            break
+        node = assigned.get(number)
+        block.append((line, node.targets[0].id if node else None, node))
+    return block
+
+
+def read_defaults(script):
+    """A script's default config globals, read from its source without running it."""
+    return {name: literal_eval(node.value) for _, name, node in config_block(script) if name}
+
+
+def help_text(scripts):
+    """Every setting of the scripts with its default and comment, under the scripts' own section comments."""
+    out = [f"usage: python {os.path.basename(scripts[-1])} [config/<file>.py ...] [--key=value ...]", "",
+           "Config files apply first, then --key=value flags (Python literals of the default's type).", ""]
+    for script in scripts:
+        for line, name, node in config_block(script):
+            if name:
+                comment = line[node.end_col_offset:].strip().lstrip('#').strip()
+                value = line[node.value.col_offset:node.value.end_col_offset]
+                out.append((f"  --{name}={value}".ljust(32) + f"  {comment}").rstrip())
+            elif line.startswith('# ') and not line.startswith('# ---'):
+                out.append(line[2:] + ':')
+    return '\n'.join(out)
 
 
 def resolve_auto(device, dtype, compile):
@@ -98,12 +127,17 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def apply_config(scope, argv=None):
-    """Applies configure() to a script's globals(); prints what changed. Exits with one line on bad input."""
+def apply_config(scope, help_scripts=None, argv=None):
+    """Applies configure() to a script's globals(); exits with one line on bad input. --help / -h prints the
+    settings of help_scripts (default: the script itself) and exits."""
+    argv = sys.argv[1:] if argv is None else argv
+    if '--help' in argv or '-h' in argv:
+        print(help_text(help_scripts or [scope['__file__']]))
+        sys.exit(0)
     defaults = {k: v for k, v in scope.items()
                 if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
     try:
-        overrides = configure(defaults, sys.argv[1:] if argv is None else argv)
+        overrides = configure(defaults, argv)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     scope.update(overrides)

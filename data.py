@@ -4,6 +4,7 @@ a permutation of indices and every batch a gather, with no DataLoader workers an
 Normalisation and augmentation run batch-wise on the device.
 """
 
+import gzip
 import math
 import os
 import pickle
@@ -67,6 +68,22 @@ def read_split(spec, root, files):
     return images, labels
 
 
+def gunzip_missing(root, files):
+    """Decompresses FILE.gz to FILE where only the gzipped file is there (MNIST's distribution format), as
+    torchvision's downloader does."""
+    for name in files:
+        path = os.path.join(root, name)
+        if os.path.exists(path) or not os.path.exists(path + '.gz'):
+            continue
+        try:
+            with gzip.open(path + '.gz') as src, open(path + '.tmp', 'wb') as dst:
+                dst.write(src.read())
+            os.replace(path + '.tmp', path)
+        except (OSError, EOFError) as e:
+            raise FileNotFoundError(f"{path}.gz could not be decompressed to {path} ({e}); "
+                                    f"decompress it yourself: gunzip -k {path}.gz") from None
+
+
 def download(name, data_dir):
     """Fetches the dataset with torchvision's checksummed downloader, into the layout read_split expects."""
     import torchvision
@@ -78,8 +95,9 @@ def load_dataset(name, data_dir, device='cpu'):
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     spec = DATASETS[name]
-    root = os.path.join(data_dir, spec['folder'])
+    root = os.path.abspath(os.path.join(data_dir, spec['folder']))
     expected = spec['train'] + spec['test']
+    gunzip_missing(root, expected)
     if not all(os.path.exists(os.path.join(root, f)) for f in expected):
         try:
             download(name, data_dir)
@@ -218,7 +236,7 @@ def rand_augment(x, num_ops=2, magnitude=10):
     return x
 
 
-AUGMENTATIONS = ('none', 'flip', 'crop', 'randaugment')
+AUGMENTATIONS = ('none', 'flip', 'crop', 'cropflip', 'randaugment')
 
 
 def augment_batch(x, policy):
@@ -227,6 +245,8 @@ def augment_batch(x, policy):
         return random_flip(x)  # for FashionMNIST: clothes are left-right symmetric, digits are not
     if policy == 'crop':
         return random_crop(x, 2)  # shifts of up to 2 pixels: digits and clothes must not be flipped
+    if policy == 'cropflip':
+        return random_flip(random_crop(x, 4))  # the classic CIFAR-10 augmentation: shifts of up to 4 pixels, flips
     if policy == 'randaugment':
         return rand_augment(random_flip(random_crop(x, 4)))
     return x

@@ -70,9 +70,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
 
+    def split_heads(self, x):
+        B, T, C = x.size()
+        return self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # q, k, v: (B, nh, T, d)
+
+    def logits(self, x):
+        """Q Kᵀ / √d, the attention logits before the softmax: (B, nh, T, T)."""
+        q, k, _ = self.split_heads(x)
+        return q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+
     def forward(self, x, return_attn=False):
         B, T, C = x.size()
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, d)
+        q, k, v = self.split_heads(x)
         if use_explicit(self.attn_impl, x, return_attn):
             # softmax in float32 under autocast too, as the fused kernels do
             att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), dim=-1, dtype=torch.float32)
@@ -119,13 +128,24 @@ class DiffAttention(nn.Module):
                 - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2))
                 + self.lambda_init)
 
-    def forward(self, x, return_attn=False):
+    def split_heads(self, x):
         B, T, C = x.size()
         h, d = self.n_head, self.head_dim
         q, k, v = self.qkv(x).split(C, dim=2)
         q1, q2 = q.view(B, T, h, 2, d).permute(3, 0, 2, 1, 4)  # each (B, h, T, d)
         k1, k2 = k.view(B, T, h, 2, d).permute(3, 0, 2, 1, 4)
         v = v.view(B, T, h, 2 * d).transpose(1, 2)  # (B, h, T, 2d)
+        return q1, q2, k1, k2, v
+
+    def logits(self, x):
+        """Q1 K1ᵀ / √d and Q2 K2ᵀ / √d, the logits of both softmaxes: (B, 2h, T, T), every first map, then every second."""
+        q1, q2, k1, k2, _ = self.split_heads(x)
+        return torch.cat([q1 @ k1.transpose(-2, -1), q2 @ k2.transpose(-2, -1)], dim=1) / math.sqrt(self.head_dim)
+
+    def forward(self, x, return_attn=False):
+        B, T, C = x.size()
+        d = self.head_dim
+        q1, q2, k1, k2, v = self.split_heads(x)
         lam = self.lambda_full()
         if use_explicit(self.attn_impl, x, return_attn):
             # softmax and the difference in float32 under autocast too: the difference cancels most of the mass
@@ -198,10 +218,22 @@ class ViT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x, return_attn=False):
+    def embed(self, x):
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1) + self.pos_embed
-        x = self.dropout(x)
+        return self.dropout(x)
+
+    def activations(self, x):
+        """Per block, what the DIFF paper's outlier table measures: (the attention logits before the softmax, the
+        block's output on the residual stream)."""
+        x = self.embed(x)
+        for block in self.blocks:
+            logits = block.attn.logits(block.ln_1(x))
+            x, _ = block(x)
+            yield logits, x
+
+    def forward(self, x, return_attn=False):
+        x = self.embed(x)
         maps = []
         for block in self.blocks:
             x, att = block(x, return_attn)

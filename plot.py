@@ -4,6 +4,7 @@ $ python plot.py results/
 Reads each <run_name>/seed<seed>/metrics.json (and attention.npz beside it), groups the runs by dataset and
 run_name, aggregates the seeds (mean ± std) and writes, per dataset, <dataset>_val_loss.png,
 <dataset>_val_acc.png and <dataset>_attention.png, plus README.md with the results table, which it also prints.
+The seeds of one run_name must share every result-changing setting: runs that differ are an error, never mixed.
 """
 
 import glob
@@ -21,7 +22,13 @@ import matplotlib.ticker
 
 VARIANTS = ('vit', 'balanced', 'diff')  # run_name = <dataset>_<variant>
 COLORS = {'vit': 'tab:blue', 'balanced': 'tab:green', 'diff': 'tab:red'}
-REQUIRED = ('run', 'seed', 'dataset', 'params', 'history', 'test', 'images_per_s', 'device')
+REQUIRED = ('run', 'seed', 'dataset', 'config', 'params', 'history', 'test', 'images_per_s', 'device')
+# config keys that cannot change a result (train.py's RESULT_NEUTRAL_KEYS) and the seed: the seeds of one run may differ there
+POOLED_KEYS = ('seed', 'out_dir', 'data_dir', 'log_interval', 'init_from', 'eval_only', 'overwrite')
+CLASS_NAMES = {
+    'fashionmnist': ('T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot'),
+    'cifar10': ('plane', 'car', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'),
+}
 # the project NanoDiffVision replaces, as it published them: single seeds, and its parameter counts were wrong
 # (its lite ViT has 81.5K parameters and its diff variant 98.2K)
 OLD_TABLE = {
@@ -58,7 +65,18 @@ def load_runs(folder):
         runs[m['dataset']][m['run']].append(m)
     if not runs:
         fail(f"no finished run under {folder}/")
-    return {d: {r: sorted(ms, key=lambda m: m['seed']) for r, ms in by_run.items()} for d, by_run in runs.items()}
+    runs = {d: {r: sorted(ms, key=lambda m: m['seed']) for r, ms in by_run.items()} for d, by_run in runs.items()}
+    for by_run in runs.values():
+        for run, ms in by_run.items():
+            first = ms[0]['config']
+            for m in ms[1:]:
+                differences = [f"{k} ({first.get(k)!r} vs {m['config'].get(k)!r})"
+                               for k in sorted(set(first) | set(m['config']))
+                               if k not in POOLED_KEYS and first.get(k) != m['config'].get(k)]
+                if differences:
+                    fail(f"the runs of {run} in {ms[0]['path']} and {m['path']} differ in {', '.join(differences)}: "
+                         "move one away or give it another run_name")
+    return runs
 
 
 def variant(run_name):
@@ -91,6 +109,10 @@ def welch(a, b):
 
 
 def stat(m, key):
+    """One number of a run; NaN where the run does not have it (attention focus on CIFAR-10, outliers of old runs)."""
+    if key.startswith(('attn_logits', 'activations')):  # e.g. 'attn_logits.top1'
+        kind, which = key.split('.')
+        return m['outliers'][kind][which] if 'outliers' in m else float('nan')
     return {'val_loss': m['history'][-1]['val_loss'], 'test_loss': m['test']['loss'], 'test_acc': m['test']['acc'],
             'attn_focus': m.get('attn_focus', float('nan'))}[key]
 
@@ -98,8 +120,7 @@ def stat(m, key):
 def curve_figure(dataset, by_run, key, ylabel, path):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for run in ordered(by_run):
-        curves = np.array([[h[key] for h in m['history']] for m in by_run[run]
-                           if len(m['history']) == len(by_run[run][0]['history'])])
+        curves = np.array([[h[key] for h in m['history']] for m in by_run[run]])  # same epochs: load_runs checks
         epochs = np.arange(1, curves.shape[1] + 1)
         mean = curves.mean(0)
         std = curves.std(0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
@@ -119,30 +140,37 @@ def curve_figure(dataset, by_run, key, ylabel, path):
 
 def attention_figure(dataset, by_run, path, n_images=8):
     """The same test images; per variant (its lowest seed) the CLS token's last-layer attention over the patches,
-    averaged over heads, on the image. Diff maps are signed: a diverging colormap centred on zero."""
+    averaged over heads, on the image. The classic rows share one colour scale; the signed diff maps share a
+    diverging one, symmetric about zero."""
     samples = {r: np.load(os.path.join(by_run[r][0]['path'], 'attention.npz')) for r in ordered(by_run)
                if os.path.exists(os.path.join(by_run[r][0]['path'], 'attention.npz'))}
     if not samples:
         return False
     first = next(iter(samples.values()))
     images = first['images'][:n_images]
+    maps = {}
+    for run, sample in samples.items():
+        grid = int(math.isqrt(sample['cls_attn'].shape[-1]))
+        maps[run] = sample['cls_attn'][-1, :n_images].mean(axis=1).reshape(-1, grid, grid)
+    limits = {signed: max((np.abs(m).max() for r, m in maps.items() if (variant(r) == 'diff') == signed), default=1.0)
+              for signed in (False, True)}
+    names = CLASS_NAMES.get(dataset)
     fig, axes = plt.subplots(len(samples) + 1, n_images, figsize=(1.5 * n_images, 1.6 * (len(samples) + 1)),
                              squeeze=False)
     for j, image in enumerate(images):
+        label = int(first['labels'][j])
         axes[0, j].imshow(image.transpose(1, 2, 0).squeeze(), cmap='gray')
-        axes[0, j].set_title(f"label {first['labels'][j]}", fontsize=9)
-    for i, (run, sample) in enumerate(samples.items(), start=1):
-        grid = int(math.isqrt(sample['cls_attn'].shape[-1]))
-        maps = sample['cls_attn'][-1, :n_images].mean(axis=1).reshape(-1, grid, grid)
+        axes[0, j].set_title(names[label] if names else f"label {label}", fontsize=9)
+    for i, run in enumerate(maps, start=1):
         signed = variant(run) == 'diff'
-        limit = np.abs(maps).max()
-        for j, (image, attn) in enumerate(zip(images, maps)):
+        limit = limits[signed]
+        for j, (image, attn) in enumerate(zip(images, maps[run])):
             ax = axes[i, j]
             ax.imshow(image.transpose(1, 2, 0).squeeze(), cmap='gray')
             h, w = image.shape[1:]
             shown = ax.imshow(attn, cmap='RdBu_r' if signed else 'inferno', alpha=0.6, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
                               vmin=-limit if signed else 0, vmax=limit, interpolation='nearest')
-        axes[i, 0].set_ylabel(variant(run) + ('\n(signed)' if signed else ''), fontsize=9)
+        axes[i, 0].set_ylabel(f"{variant(run)}\nseed {by_run[run][0]['seed']}" + ('\n(signed)' if signed else ''), fontsize=9)
         fig.colorbar(shown, ax=axes[i, :].tolist(), fraction=0.02, pad=0.01)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -168,6 +196,20 @@ def dataset_table(dataset, by_run):
     return lines
 
 
+def outlier_table(by_run):
+    """The DIFF paper's Table 5 for these runs: |attention logits| and |residual-stream activations| on the test set."""
+    runs = [r for r in ordered(by_run) if all('outliers' in m for m in by_run[r])]
+    if not runs:
+        return []
+    keys = [f"{kind}.{which}" for kind in ('attn_logits', 'activations') for which in ('top1', 'top10', 'median')]
+    lines = ["| model | logits top-1 | logits top-10 | logits median | activations top-1 | activations top-10 | "
+             "activations median | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        lines.append(f"| {run} | " + ' | '.join(mean_std([stat(m, k) for m in by_run[run]], 3 if 'median' in k else 1)
+                                                for k in keys) + f" | {len(by_run[run])} |")
+    return lines
+
+
 def comparison(by_run):
     """diff against each classic variant: the difference of means, Welch's t-test, and whether it exceeds 2 std."""
     lines = []
@@ -179,7 +221,9 @@ def comparison(by_run):
                 lines.append(f"- {d} vs {other}: needs at least 2 seeds each for a test")
                 continue
             for key, scale, name in (('test_acc', 100, 'test acc (points)'), ('test_loss', 1, 'test loss'),
-                                     ('val_loss', 1, 'val loss'), ('attn_focus', 1, 'attention focus')):
+                                     ('val_loss', 1, 'val loss'), ('attn_focus', 1, 'attention focus'),
+                                     ('attn_logits.top1', 1, 'largest |attention logit|'),
+                                     ('activations.top1', 1, 'largest |activation|')):
                 xa, xb = [scale * stat(m, key) for m in a], [scale * stat(m, key) for m in b]
                 if np.isnan(xa).any() or np.isnan(xb).any():
                     continue
@@ -199,13 +243,23 @@ def main(folder):
               f"Generated by `python plot.py {folder}` from every `metrics.json` below this folder. Mean ± sample std "
               "over seeds. Losses include label smoothing 0.1, as the old project's did. Val loss is the last "
               "epoch's; test numbers are the final model's. Attention focus: the share of the CLS token's "
-              "last-layer attention mass (|weights|, mean over heads) on foreground patches of the test set.", ""]
+              "last-layer attention mass (|weights|, mean over heads) on foreground patches of the test set; CIFAR-10 "
+              "has no foreground mask, so it has no focus (–). Outliers (the DIFF paper's Table 5): the largest, "
+              "10th largest and median |value| over the test set of the attention logits before each softmax "
+              "(QKᵀ/√d) and of the residual stream (every block's output).", ""]
+    written = []
     for dataset in sorted(runs):
         by_run = runs[dataset]
-        curve_figure(dataset, by_run, 'val_loss', 'validation loss', os.path.join(folder, f'{dataset}_val_loss.png'))
-        curve_figure(dataset, by_run, 'val_acc', 'validation accuracy', os.path.join(folder, f'{dataset}_val_acc.png'))
+        for key, ylabel in (('val_loss', 'validation loss'), ('val_acc', 'validation accuracy')):
+            written.append(os.path.join(folder, f'{dataset}_{key}.png'))
+            curve_figure(dataset, by_run, key, ylabel, written[-1])
         has_attention = attention_figure(dataset, by_run, os.path.join(folder, f'{dataset}_attention.png'))
+        if has_attention:
+            written.append(os.path.join(folder, f'{dataset}_attention.png'))
         report += [f"## {dataset}", ""] + dataset_table(dataset, by_run) + [""]
+        outliers = outlier_table(by_run)
+        if outliers:
+            report += ["Outliers:", ""] + outliers + [""]
         comparisons = comparison(by_run)
         if comparisons:
             report += ["Differential vs classic attention:", ""] + comparisons + [""]
@@ -224,10 +278,14 @@ def main(folder):
         f.write(text)
     os.replace(os.path.join(folder, 'README.md.tmp'), os.path.join(folder, 'README.md'))
     print(text)
+    print(f"wrote {', '.join(written + [os.path.join(folder, 'README.md')])}")
 
 
 if __name__ == '__main__':
     usage = "usage: python plot.py <results folder>, e.g. python plot.py results/"
+    if sys.argv[1:] in (['--help'], ['-h']):
+        print(usage)
+        sys.exit(0)
     if len(sys.argv) != 2:
         fail(usage)
     if not os.path.isdir(sys.argv[1]):

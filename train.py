@@ -1,7 +1,7 @@
 """
 Trains a ViT (classic or differential attention) on MNIST, FashionMNIST or CIFAR-10.
 
-Single process:
+Single process (writes out/mnist_diff/seed1/; python train.py --help lists every setting):
 $ python train.py config/mnist_diff.py --epochs=3 --seed=1
 Data parallel, e.g. 4 GPUs on one node (batch_size is the global batch, split across the ranks):
 $ torchrun --standalone --nproc_per_node=4 train.py config/cifar10_diff.py
@@ -9,6 +9,7 @@ Continue an interrupted run, or evaluate a finished one:
 $ python train.py config/mnist_diff.py --init_from=resume [--eval_only=True]
 """
 
+import atexit
 import json
 import math
 import os
@@ -19,6 +20,9 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
+# OpenMP threads that wait by spinning collapse when another process shares the cores (two 1-epoch MNIST runs
+# at once on 2 cores: 200 s each, against 57 s alone; passive: 80 s each). Set before torch loads OpenMP.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -33,14 +37,15 @@ from model import ViT, ViTConfig, attention_focus
 # default config values: the MNIST diff run (identical to config/mnist_diff.py)
 # I/O
 run_name = ''  # default: the config file's name (mnist_diff), or <dataset>_<attention> without one
-out_dir = ''  # default: results/<run_name>/seed<seed>
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+out_dir = ''  # default: out/<run_name>/seed<seed> (git-ignored); the studies in the Makefile write to results/
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt, with the checkpoint's settings)
 eval_only = False  # with init_from='resume': evaluate the checkpoint on val and test, then exit
+overwrite = False  # True: replace the run already in out_dir; without it a run never starts over another
 log_interval = 100  # steps between progress lines
 # data
 dataset = 'mnist'
 data_dir = 'data'
-augment = 'none'  # 'none', 'flip' (horizontal), 'crop' (shifts of up to 2 pixels), 'randaugment' (crop, flip, RandAugment)
+augment = 'none'  # 'none', 'flip' (horizontal), 'crop' (shifts of up to 2 pixels), 'cropflip' (4 pixels, flip), 'randaugment'
 # model
 patch_size = 4
 n_layer = 2
@@ -72,7 +77,9 @@ apply_config(globals())
 config_files = [a for a in sys.argv[1:] if not a.startswith('--')]
 run_name = run_name or (os.path.splitext(os.path.basename(config_files[-1]))[0] if config_files
                         else f'{dataset}_{attention}')
-out_dir = out_dir or os.path.join('results', run_name, f'seed{seed}')
+out_dir = out_dir or os.path.join('out', run_name, f'seed{seed}')
+# settings that cannot change a run's result: a resumed run may change them, plot.py pools runs that differ in them
+RESULT_NEUTRAL_KEYS = ('out_dir', 'data_dir', 'log_interval', 'init_from', 'eval_only', 'overwrite')
 
 
 def fail(message):
@@ -103,6 +110,8 @@ if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', device):
     fail(f"device={device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
     fail(f"dtype={dtype!r}: must be 'auto', 'float32', 'bfloat16' or 'float16'")
+if compile not in (True, False, 'auto'):
+    fail(f"compile={compile!r}: must be True, False or 'auto'")
 spec = DATASETS[dataset]
 try:
     model_args = ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
@@ -134,6 +143,79 @@ autocast = (nullcontext() if dtype == 'float32'
             else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
 log = print if master else (lambda *args, **kwargs: None)
 
+# out_dir: one run at a time (a lock file for the run's life), never over another run unless asked; all of it
+# before the data loads, so a mistake costs seconds
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+metrics_path = os.path.join(out_dir, 'metrics.json')
+attention_path = os.path.join(out_dir, 'attention.npz')
+lock_path = os.path.join(out_dir, 'run.lock')
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def take_lock():
+    """Creates out_dir/run.lock holding this process's pid, removed at exit. A live holder stops this run; the lock
+    of a process that died (killed, machine crash) is reported and taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            with open(lock_path) as f:
+                holder = f.read().strip()
+            if not holder.isdigit() or process_alive(int(holder)):  # empty: its holder is writing it right now
+                fail(f"{out_dir} is in use by a running process (pid {holder or '?'}, {lock_path}): wait for it to "
+                     "finish, or use another --out_dir or --seed")
+            log(f"note: {lock_path} was left by process {holder}, which is no longer running; taking it over")
+            os.remove(lock_path)
+            continue
+        with os.fdopen(fd, 'w') as f:
+            f.write(str(os.getpid()))
+        atexit.register(os.remove, lock_path)
+        return
+    fail(f"{out_dir} is in use: another run took {lock_path} over at the same moment")
+
+
+if master and not eval_only:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        take_lock()
+    except OSError as e:
+        fail(f"cannot write to out_dir {os.path.abspath(out_dir)}: {e.strerror}")
+    existing = [os.path.basename(p) for p in (metrics_path, ckpt_path) if os.path.exists(p)]
+    if init_from == 'scratch' and existing and not overwrite:
+        fail(f"{out_dir} already holds a run ({', '.join(existing)}): continue it with --init_from=resume, start a "
+             "new one with another --out_dir or --seed, or replace it with --overwrite=True")
+    if init_from == 'scratch':
+        for path in (metrics_path, ckpt_path, attention_path):
+            if os.path.exists(path):
+                os.remove(path)
+
+if init_from == 'resume':  # the run goes on only with the settings it was started with
+    if not os.path.isfile(ckpt_path):
+        fail(f"--init_from=resume: no checkpoint at {ckpt_path} (check --out_dir, --run_name and --seed)")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        fail(f"cannot load {ckpt_path}: it is corrupt or not a checkpoint of this project "
+             f"({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(checkpoint, dict) or not {'model', 'optimizer', 'scaler', 'config', 'state', 'rng_cpu'} <= set(checkpoint):
+        fail(f"{ckpt_path} is not a checkpoint of this project "
+             "(it lacks model, optimizer, scaler, config, state or rng_cpu)")
+    changed = [f"{k} {checkpoint['config'].get(k)!r} -> {config.get(k)!r}"
+               for k in sorted(set(checkpoint['config']) | set(config))
+               if k not in RESULT_NEUTRAL_KEYS and checkpoint['config'].get(k) != config.get(k)]
+    if changed:
+        fail(f"{ckpt_path} was trained with other settings (checkpoint -> now: {'; '.join(changed)}): resume with "
+             "the checkpoint's settings, or start a new run in another --out_dir")
+
 try:
     splits = load_dataset(dataset, data_dir, device)
 except (FileNotFoundError, ValueError) as e:
@@ -154,24 +236,9 @@ total_steps = epochs * steps_per_epoch
 warmup_steps = min(int(warmup_epochs * steps_per_epoch), total_steps // 10)
 
 # resume: model, optimizer, position in the run and every RNG state, so the run ends as if never stopped
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-metrics_path = os.path.join(out_dir, 'metrics.json')
 state = dict(epoch=0, batch=0, step=0, history=[], best_val_loss=float('inf'), elapsed=0.0, train_time=0.0,
              train_images=0, epoch_sums=[0.0, 0.0, 0.0])
 if init_from == 'resume':
-    if not os.path.isfile(ckpt_path):
-        fail(f"--init_from=resume: no checkpoint at {ckpt_path} (check --out_dir, --run_name and --seed)")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        fail(f"cannot load {ckpt_path}: it is corrupt or not a checkpoint of this project "
-             f"({type(e).__name__}: {str(e).splitlines()[0]})")
-    if not isinstance(checkpoint, dict) or not {'model', 'optimizer', 'scaler', 'model_args', 'state', 'rng_cpu'} <= set(checkpoint):
-        fail(f"{ckpt_path} is not a checkpoint of this project "
-             "(it lacks model, optimizer, scaler, model_args, state or rng_cpu)")
-    if checkpoint['model_args'] != asdict(model_args):
-        diff = {k: (v, asdict(model_args)[k]) for k, v in checkpoint['model_args'].items() if v != asdict(model_args)[k]}
-        fail(f"{ckpt_path} holds a different model; checkpoint vs requested: {diff}")
     model.load_state_dict(checkpoint['model'])
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
@@ -230,9 +297,34 @@ def attention_sample():
                 cls_attn=torch.stack([m[:, :, 0, 1:] for m in maps]).float().cpu().numpy())  # (L, 16, heads, P)
 
 
+@torch.no_grad()
+def outlier_stats(bins=14_000):
+    """The DIFF paper's outlier table (its Table 5) for this model over the test set: the largest, the 10th largest
+    and the median |value| of the attention logits before each softmax (QKᵀ/√d; both maps of a diff head) and of the
+    residual stream (every block's output). The medians come from a histogram of log10|value| in bins of 0.001."""
+    x = splits['test'][0]
+    raw_model.eval()
+    top = {'attn_logits': torch.zeros(0), 'activations': torch.zeros(0)}
+    histograms = {key: torch.zeros(bins, dtype=torch.float64) for key in top}
+    for idx in batches(len(x), 250, device):
+        with autocast:
+            for layer in raw_model.activations(normalize(x[idx], dataset)):
+                for key, values in zip(top, layer):
+                    values = values.float().abs().flatten()
+                    top[key] = torch.cat([top[key], values.topk(10).values.cpu()]).topk(10).values
+                    histograms[key] += torch.histc(values.clamp_min(1e-8).log10(), bins, -8, 6).double().cpu()
+    raw_model.train()
+    stats = {}
+    for key, histogram in histograms.items():
+        median_bin = torch.searchsorted(histogram.cumsum(0), histogram.sum() / 2).item()
+        stats[key] = dict(top1=top[key][0].item(), top10=top[key][9].item(), median=10 ** (-8 + 14 * (median_bin + 0.5) / bins))
+    return stats
+
+
 def write_atomic(path, write):
-    """Writes to a temporary file and renames it, so a crash at any moment leaves the old file intact."""
-    tmp = f"{path}.tmp"
+    """Writes to a temporary file of this process and renames it, so a crash at any moment leaves the old file
+    intact."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, 'wb') as f:
         write(f)
         f.flush()
@@ -248,21 +340,20 @@ def save_checkpoint():
     write_atomic(ckpt_path, lambda f: torch.save(checkpoint, f))
 
 
-def save_metrics(test=None, attn_focus=None):
+def save_metrics(test=None, **final):
     metrics = dict(run=run_name, seed=seed, dataset=dataset, config=config, params=raw_model.num_params(),
                    history=state['history'], test=test, best_val_loss=state['best_val_loss'],
                    train_time_s=state['elapsed'], images_per_s=state['train_images'] / max(state['train_time'], 1e-9),
                    device=torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu',
                    world_size=world_size, torch=torch.__version__)
-    if attn_focus is not None:
-        metrics['attn_focus'] = attn_focus
+    metrics.update({k: v for k, v in final.items() if v is not None})  # attn_focus, outliers: after the last epoch
     write_atomic(metrics_path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
 
 
 if eval_only:
     (val_loss, val_acc, _), (test_loss, test_acc, focus) = evaluate('val'), evaluate('test', focus=spec['foreground'])
     log(json.dumps(dict(checkpoint=ckpt_path, val_loss=val_loss, val_acc=val_acc, test_loss=test_loss, test_acc=test_acc,
-                        attn_focus=focus)))
+                        attn_focus=focus, outliers=outlier_stats())))
     sys.exit(0)
 
 
@@ -284,9 +375,6 @@ def request_stop(signum, frame):
 
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-
 # -----------------------------------------------------------------------------
 # training loop: losses, accuracies and the first non-finite step stay on the device, read once per log line
 start = time.time() - state['elapsed']
@@ -363,9 +451,13 @@ while state['epoch'] < epochs:
 test_loss, test_acc, focus = evaluate('test', focus=spec['foreground'])
 if master:
     sample = attention_sample()
-    write_atomic(os.path.join(out_dir, 'attention.npz'), lambda f: np.savez_compressed(f, **sample))
-    save_metrics(test=dict(loss=test_loss, acc=test_acc), attn_focus=focus)
+    write_atomic(attention_path, lambda f: np.savez_compressed(f, **sample))
+    outliers = outlier_stats()
+    save_metrics(test=dict(loss=test_loss, acc=test_acc), attn_focus=focus, outliers=outliers)
     log(f"test loss {test_loss:.4f} acc {test_acc:.4f}" + (f" | attention focus {focus:.4f}" if focus is not None else "")
-        + f" | {state['elapsed']:.0f}s, {state['train_images'] / state['train_time']:,.0f} img/s | wrote {metrics_path}")
+        + f" | {state['elapsed']:.0f}s, {state['train_images'] / state['train_time']:,.0f} img/s")
+    log("outliers (top-1 / top-10 / median of |x|): " + ', '.join(
+        f"{key} {o['top1']:.1f} / {o['top10']:.1f} / {o['median']:.3f}" for key, o in outliers.items()))
+    log(f"wrote {metrics_path}, {attention_path}, {ckpt_path}")
 if ddp:
     dist.destroy_process_group()

@@ -22,6 +22,19 @@ def test_config_file_then_command_line(tmp_path):
     assert configure(DEFAULTS, [str(path), '--epochs=2']) == dict(epochs=2, n_embd=32)
 
 
+def test_config_files_apply_before_flags_whatever_the_order(tmp_path):
+    path = tmp_path / 'c.py'
+    path.write_text("epochs = 7\n")
+    assert configure(DEFAULTS, ['--epochs=1', str(path)]) == dict(epochs=1)
+    assert configure(DEFAULTS, ['--epochs=1', os.path.join(ROOT, 'config', 'mnist_vit.py')])['epochs'] == 1
+
+
+def test_home_is_expanded_in_folders():
+    overrides = configure(DEFAULTS, ['--data_dir=~/x', '--out_dir=~'])
+    assert overrides == dict(data_dir=os.path.expanduser('~/x'), out_dir=os.path.expanduser('~'))
+    assert configure(DEFAULTS, ['--run_name=~x'])['run_name'] == '~x'  # not a folder
+
+
 def test_unknown_key_names_key_and_valid_keys():
     with pytest.raises(ConfigError, match=r"unknown config key 'epoch'; valid keys: .*epochs"):
         configure(DEFAULTS, ['--epoch=3'])
@@ -34,7 +47,8 @@ def test_unknown_key_in_config_file(tmp_path):
         configure(DEFAULTS, [str(path)])
 
 
-@pytest.mark.parametrize('arg', ['--epochs=3.5', '--epochs=ten', '--compile=1', '--learning_rate=True'])
+@pytest.mark.parametrize('arg', ['--epochs=3.5', '--epochs=ten', '--compile=1', '--learning_rate=True', '--eval_only=true',
+                                 '--overwrite=1'])
 def test_wrong_type_names_key_and_type(arg):
     key = arg[2:].split('=')[0]
     with pytest.raises(ConfigError, match=f"config key '{key}' must be of type"):
@@ -73,10 +87,12 @@ def test_every_config_file_is_valid_and_variants_share_the_recipe():
     (['--patch_size=5'], 'image_size=28 is not divisible by patch_size=5'),
     (['--dataset=svhn'], "unknown dataset 'svhn'; known: mnist, fashionmnist, cifar10"),
     (['--attention=linear'], "attention='linear': must be 'classic' or 'diff'"),
-    (['--augment=mixup'], "augment='mixup': must be one of none, flip, crop, randaugment"),
+    (['--augment=mixup'], "augment='mixup': must be one of none, flip, crop, cropflip, randaugment"),
     (['--device=tpu'], "device='tpu': must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (['--dtype=float8'], "dtype='float8': must be"),
     (['--init_from=best'], "init_from='best': must be 'scratch' or 'resume'"),
+    (['--compile=false'], "compile='false': must be True, False or 'auto'"),
+    (['--compile=yes'], "compile='yes': must be True, False or 'auto'"),
 ])
 def test_bad_input_is_one_clear_error(args, message, tmp_path):
     proc = run_train('--device=cpu', f'--data_dir={tmp_path}', f'--out_dir={tmp_path}', *args, check=False)

@@ -1,3 +1,4 @@
+import gzip
 import os
 
 import pytest
@@ -50,7 +51,7 @@ def test_normalisation():
     torch.testing.assert_close(normalize(torch.full((1, 1, 2, 2), 0.1307), 'mnist'), torch.zeros(1, 1, 2, 2))
 
 
-@pytest.mark.parametrize('policy', ['none', 'flip', 'crop', 'randaugment'])
+@pytest.mark.parametrize('policy', ['none', 'flip', 'crop', 'cropflip', 'randaugment'])
 def test_augmentation_keeps_shape_range_and_labels(data_dir, policy):
     x, y = load_dataset('cifar10', data_dir)['train']
     x, y = x[:256].float() / 255, y[:256]
@@ -63,7 +64,7 @@ def test_augmentation_keeps_shape_range_and_labels(data_dir, policy):
     if policy != 'none':
         changed = (out - x).abs().flatten(1).amax(1) > 1e-6
         assert changed.float().mean() > 0.5  # most images are altered...
-        assert not changed.all() or policy == 'randaugment'
+        assert not changed.all() or policy in ('cropflip', 'randaugment')
     if policy == 'flip':
         assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for o, i in zip(out, x))
 
@@ -102,6 +103,29 @@ def test_missing_data_offline_is_one_clear_error(tmp_path, monkeypatch):
     assert os.path.join(str(tmp_path), 'FashionMNIST/raw') in message
     assert 'train-images-idx3-ubyte' in message and 't10k-labels-idx1-ubyte' in message
     assert 'network is unreachable' in message
+
+
+def test_gzipped_idx_files_alone_are_decompressed(tmp_path):
+    write_mnist_like(str(tmp_path), 'MNIST', n_train=5100, n_test=10)
+    raw = tmp_path / 'MNIST' / 'raw'
+    expected = load_dataset('mnist', str(tmp_path))
+    for path in list(raw.iterdir()):
+        with gzip.open(f'{path}.gz', 'wb') as f:
+            f.write(path.read_bytes())
+        path.unlink()
+    got = load_dataset('mnist', str(tmp_path))
+    assert all(torch.equal(got[s][i], expected[s][i]) for s in expected for i in (0, 1))
+    (raw / 'train-images-idx3-ubyte').unlink()
+    (raw / 'train-images-idx3-ubyte.gz').write_bytes(b'not gzip')
+    with pytest.raises(FileNotFoundError, match='could not be decompressed.*gunzip -k'):
+        load_dataset('mnist', str(tmp_path))
+
+
+def test_data_errors_name_the_absolute_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, 'download', lambda name, data_dir: (_ for _ in ()).throw(OSError('offline')))
+    with pytest.raises(FileNotFoundError, match=f"not in {tmp_path}/nowhere/MNIST/raw/"):
+        load_dataset('mnist', 'nowhere')
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path):

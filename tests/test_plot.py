@@ -12,14 +12,17 @@ from conftest import ROOT
 ACCS = {'vit': [0.97, 0.98, 0.99], 'balanced': [0.96, 0.96, 0.96], 'diff': [0.99, 0.991, 0.992]}
 
 
-def write_run(root, dataset, variant, seed, acc, epochs=4, attention=True):
+def write_run(root, dataset, variant, seed, acc, epochs=4, attention=True, outliers=None):
     out = os.path.join(root, f'{dataset}_{variant}', f'seed{seed}')
     os.makedirs(out)
     history = [dict(epoch=e, step=10 * e, lr=1e-3, train_loss=1 / e, train_acc=acc - 0.1 / e, val_loss=1 / e + seed * 0.01,
                     val_acc=acc - 0.05 / e, time_s=2.0 * e) for e in range(1, epochs + 1)]
-    metrics = dict(run=f'{dataset}_{variant}', seed=seed, dataset=dataset, config={}, params=1000 + (variant == 'diff'),
+    config = dict(epochs=epochs, seed=seed, out_dir=out, learning_rate=1e-3)
+    metrics = dict(run=f'{dataset}_{variant}', seed=seed, dataset=dataset, config=config, params=1000 + (variant == 'diff'),
                    history=history, test=dict(loss=1 - acc, acc=acc), best_val_loss=history[-1]['val_loss'],
                    train_time_s=8.0, images_per_s=500.0, device='cpu', torch='x', attn_focus=acc / 2)
+    if outliers is not None:
+        metrics['outliers'] = outliers
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
         json.dump(metrics, f)
     if attention:
@@ -57,9 +60,54 @@ def test_figures_and_table(results, capsys):
     assert 'significant (p < 0.05)' in table and 'not significant' in table
 
 
-def test_table_is_printed(results, capsys):
+def test_table_and_written_files_are_printed(results, capsys):
     plot.main(str(results))
-    assert capsys.readouterr().out.strip() == (results / 'README.md').read_text().strip()
+    out = capsys.readouterr().out.strip()
+    table, wrote = out.rsplit('\n', 1)
+    assert table.strip() == (results / 'README.md').read_text().strip()
+    assert wrote.startswith('wrote ') and f"{results}/mnist_attention.png" in wrote and f"{results}/README.md" in wrote
+
+
+def test_runs_with_other_settings_are_never_mixed(tmp_path):
+    for seed in range(3):
+        write_run(str(tmp_path), 'mnist', 'vit', seed, 0.97)
+    write_run(str(tmp_path), 'mnist', 'vit', 3, 0.90, epochs=1)
+    proc = subprocess.run([sys.executable, 'plot.py', str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert 'epochs (4 vs 1)' in proc.stderr and 'mnist_vit' in proc.stderr and 'seed3' in proc.stderr
+    assert 'seed' not in proc.stderr.split('differ in')[1].split('(')[0]  # the seed itself may differ
+    assert not (tmp_path / 'README.md').exists()
+
+
+def test_attention_figure_shares_its_colour_scales_and_names_seed_and_classes(results, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plot.plt, 'close', figures.append)
+    plot.attention_figure('fashionmnist', plot.load_runs(str(results))['fashionmnist'], str(results / 'a.png'))
+    fig = figures[0]
+    rows = {}
+    for ax in fig.axes:
+        if ax.images and len(ax.images) == 2:  # an image with its attention overlay
+            rows.setdefault(ax.get_subplotspec().rowspan.start, []).append(ax.images[1].get_clim())
+    classic = rows[1] + rows[2]
+    diff = rows[3]
+    assert len(set(classic)) == 1 and classic[0][0] == 0
+    assert len(set(diff)) == 1 and diff[0][0] == -diff[0][1]
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    assert labels == ['vit\nseed 0', 'balanced\nseed 0', 'diff\nseed 0\n(signed)']
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[:2] == ['T-shirt', 'trouser']  # labels 0 and 1
+
+
+def test_outlier_table_and_tests(tmp_path):
+    for variant, scale in (('vit', 10.0), ('diff', 1.0)):
+        for seed in range(3):
+            outliers = {k: dict(top1=scale * (5 + seed), top10=scale * 4, median=0.5) for k in ('attn_logits', 'activations')}
+            write_run(str(tmp_path), 'cifar10', variant, seed, 0.7, attention=False, outliers=outliers)
+    plot.main(str(tmp_path))
+    table = (tmp_path / 'README.md').read_text()
+    assert '| cifar10_vit | 60.0 ± 10.0 | 40.0 ± 0.0 | 0.500 ± 0.000 | 60.0 ± 10.0 | 40.0 ± 0.0 | 0.500 ± 0.000 | 3 |' in table
+    assert 'cifar10_diff vs cifar10_vit, largest |attention logit|: -54.0000' in table
+    assert 'cifar10_diff vs cifar10_vit, largest |activation|: -54.0000' in table
 
 
 def test_welch_t_test_matches_reference_values():

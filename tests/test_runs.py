@@ -1,0 +1,165 @@
+"""Runs you can trust: out_dir is never overwritten by accident, resume keeps the run's settings, early clear
+failures, --help, and the layout that keeps ad-hoc runs out of the committed results/."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run_train
+from test_reliability import args_for, one_line_error
+
+
+@pytest.fixture(scope='module')
+def finished(data_dir, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp('finished')
+    run_train(*args_for(data_dir, out_dir, '--epochs=1'))
+    return out_dir
+
+
+def git_status():
+    proc = subprocess.run(['git', 'status', '--porcelain'], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def test_default_out_dir_is_the_ignored_out_folder(data_dir):
+    """A run without --out_dir (the README's commands) writes out/<run_name>/seed<seed>/, which git ignores."""
+    out_dir = os.path.join(ROOT, 'out', 'mnist_vit', 'seed9173')
+    before = git_status()
+    try:
+        run_train('config/mnist_vit.py', f'--data_dir={data_dir}', '--epochs=1', '--seed=9173', *TINY)
+        assert os.path.isfile(os.path.join(out_dir, 'metrics.json'))
+        assert not os.path.exists(os.path.join(ROOT, 'results', 'mnist_vit', 'seed9173'))
+        assert git_status() == before
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def test_a_finished_run_is_never_replaced_by_accident(data_dir, finished, tmp_path):
+    metrics = (finished / 'metrics.json').read_bytes()
+    start = time.time()
+    proc = run_train(*args_for(data_dir, finished, '--epochs=1'), check=False)
+    line = one_line_error(proc, str(finished), 'already holds a run', '--init_from=resume', '--out_dir', '--seed',
+                          '--overwrite=True')
+    assert 'train /' not in proc.stdout and time.time() - start < 15  # refused before the data loads
+    assert (finished / 'metrics.json').read_bytes() == metrics
+    shutil.copytree(finished, tmp_path / 'copy')
+    proc = run_train(*args_for(data_dir, tmp_path / 'copy', '--epochs=1', '--overwrite=True', '--seed=1'))
+    assert 'epoch 1/1 done' in proc.stdout
+    assert (tmp_path / 'copy' / 'metrics.json').read_bytes() != metrics
+
+
+def test_two_identical_runs_started_together_one_refuses(data_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, 'train.py', *args_for(data_dir, tmp_path, '--epochs=2')]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    refusal = next(err for code, err in results if code)
+    assert str(tmp_path) in refusal and ('in use by a running process' in refusal or 'already holds a run' in refusal)
+    assert not (tmp_path / 'run.lock').exists()  # released at exit
+    assert [p for p in os.listdir(tmp_path) if p.endswith('.tmp')] == []
+
+
+def test_a_stale_lock_is_reported_and_taken_over(data_dir, tmp_path):
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    (tmp_path / 'run.lock').write_text(str(dead.pid))
+    proc = run_train(*args_for(data_dir, tmp_path, '--epochs=1'))
+    assert f"left by process {dead.pid}, which is no longer running" in proc.stdout
+    assert not (tmp_path / 'run.lock').exists()
+
+
+def test_a_live_lock_stops_the_run(data_dir, tmp_path):
+    (tmp_path / 'run.lock').write_text(str(os.getpid()))  # this test process: alive
+    proc = run_train(*args_for(data_dir, tmp_path, '--epochs=1'), check=False)
+    one_line_error(proc, str(tmp_path), 'in use by a running process', f'pid {os.getpid()}')
+    assert (tmp_path / 'run.lock').read_text() == str(os.getpid())
+
+
+@pytest.mark.parametrize('flag,message', [('--epochs=2', 'epochs 1 -> 2'), ('--seed=1', 'seed 0 -> 1'),
+                                          ('--learning_rate=1e-2', 'learning_rate 0.003 -> 0.01'),
+                                          ('--augment=crop', "augment 'none' -> 'crop'")])
+def test_resume_refuses_other_settings(data_dir, finished, flag, message):
+    proc = run_train(*args_for(data_dir, finished, '--init_from=resume', flag), check=False)
+    one_line_error(proc, 'was trained with other settings', message)
+    assert 'train /' not in proc.stdout  # before the data loads
+
+
+def test_resume_and_eval_take_settings_that_cannot_change_the_result(data_dir, finished):
+    proc = run_train(*args_for(data_dir, finished, '--init_from=resume', '--eval_only=True', '--log_interval=7'))
+    assert '"test_acc"' in proc.stdout
+
+
+def test_an_unwritable_out_dir_fails_at_once(data_dir, tmp_path):
+    (tmp_path / 'file').write_text('')
+    start = time.time()
+    proc = run_train(*args_for(data_dir, tmp_path / 'file' / 'run'), check=False)
+    one_line_error(proc, 'cannot write to out_dir', str(tmp_path / 'file' / 'run'))
+    assert time.time() - start < 15 and 'train /' not in proc.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
+def test_a_read_only_out_dir_fails_at_once(data_dir, tmp_path):
+    tmp_path.chmod(0o555)
+    try:
+        proc = run_train(*args_for(data_dir, tmp_path / 'run'), check=False)
+        one_line_error(proc, 'cannot write to out_dir')
+    finally:
+        tmp_path.chmod(0o755)
+
+
+@pytest.mark.parametrize('script', ['train.py', 'bench.py'])
+@pytest.mark.parametrize('flag', ['--help', '-h'])
+def test_help_lists_every_setting_with_its_default(script, flag):
+    proc = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--learning_rate=1e-3" in proc.stdout and 'optimizer' in proc.stdout and '--overwrite=False' in proc.stdout
+    assert '--compile=' in proc.stdout and "'auto'" in proc.stdout
+    if script == 'bench.py':
+        assert '--timed_steps=30' in proc.stdout
+
+
+def test_plot_help():
+    proc = subprocess.run([sys.executable, 'plot.py', '--help'], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith('usage: python plot.py')
+
+
+def test_threads_wait_passively_unless_told_otherwise():
+    """train.py and bench.py set OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (spinning threads collapse on a
+    shared CPU), and keep a value the user set."""
+    for script in ('train.py', 'bench.py'):
+        with open(os.path.join(ROOT, script)) as f:
+            source = f.read()
+        assert source.index("os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')") < source.index('import torch')
+    probe = ("import os, runpy, sys\nsys.argv = ['train.py', '--help']\ntry:\n    runpy.run_path('train.py')\n"
+             "except SystemExit:\n    pass\nprint(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
+    for preset, expected in ((None, 'PASSIVE'), ('ACTIVE', 'ACTIVE')):
+        proc = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, capture_output=True, text=True,
+                              env=env if preset is None else dict(env, OMP_WAIT_POLICY=preset))
+        assert proc.stdout.strip().splitlines()[-1] == expected, proc.stderr
+
+
+def test_bare_make_prints_help_and_studies_write_to_results():
+    if shutil.which('make') is None:
+        pytest.skip('no make')
+    proc = subprocess.run(['make'], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and 'make mnist' in proc.stdout and 'train.py' not in proc.stderr
+    dry = subprocess.run(['make', '-n', 'mnist', 'SEEDS=3'], cwd=ROOT, capture_output=True, text=True).stdout
+    assert '--out_dir=results/mnist_$v/seed$seed' in dry
+
+
+def test_readme_is_a_short_manual():
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = f.read()
+    assert len(readme) <= 12_500
+    assert 'results/NOTES.md' in readme and os.path.isfile(os.path.join(ROOT, 'results', 'NOTES.md'))
+    assert 'download.pytorch.org/whl/cpu' in readme  # the CPU-only torch install
+    with open(os.path.join(ROOT, '.ci', 'run')) as f:
+        assert 'python -m pytest tests' in f.read() and 'python -m pytest tests' in readme
