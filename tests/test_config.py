@@ -63,15 +63,17 @@ def test_values_are_never_executed(tmp_path):
 
 
 def test_every_config_file_is_valid_and_variants_share_the_recipe():
-    for dataset in ('mnist', 'fashionmnist', 'cifar10'):
-        resolved = {v: {**DEFAULTS, **configure(DEFAULTS, [os.path.join(ROOT, 'config', f'{dataset}_{v}.py')])}
+    for name in ('mnist', 'fashionmnist', 'cifar10', 'cifar10_small'):
+        resolved = {v: {**DEFAULTS, **configure(DEFAULTS, [os.path.join(ROOT, 'config', f'{name}_{v}.py')])}
                     for v in ('vit', 'balanced', 'diff')}
+        dataset = name.split('_')[0]
         assert resolved['vit']['attention'] == resolved['balanced']['attention'] == 'classic'
         assert resolved['diff']['attention'] == 'diff'
         assert resolved['balanced']['n_head'] == 2 * resolved['vit']['n_head']
         recipe = [{k: v for k, v in c.items() if k not in ('attention', 'n_head')} for c in resolved.values()]
         assert recipe[0] == recipe[1] == recipe[2], dataset
         assert recipe[0]['dataset'] == dataset
+    assert resolved['diff']['n_head'] // 2 >= 4  # cifar10_small: many differential heads, as the DIFF authors advise
 
 
 @pytest.mark.parametrize('args,message', [

@@ -22,9 +22,10 @@ def model_config_of(config_path):
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
 
 
-def test_there_are_nine_configs():
+def test_there_are_twelve_configs():
     names = {os.path.basename(p) for p in CONFIGS}
-    assert names == {f'{d}_{v}.py' for d in ('mnist', 'fashionmnist', 'cifar10') for v in ('vit', 'balanced', 'diff')}
+    assert names == {f'{d}_{v}.py' for d in ('mnist', 'fashionmnist', 'cifar10', 'cifar10_small')
+                     for v in ('vit', 'balanced', 'diff')}
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
@@ -154,6 +155,25 @@ def test_diff_map_rows_sum_to_one_minus_lambda():
         torch.testing.assert_close(m.sum(-1), torch.full_like(m.sum(-1), 1 - lam), atol=1e-5, rtol=1e-5)
     _, maps = small('classic').eval()(torch.randn(2, 3, 16, 16), return_attn=True)
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 4, 17))
+
+
+@pytest.mark.parametrize('attention', ['classic', 'diff'])
+def test_activations_are_the_logits_the_softmaxes_take_and_the_block_outputs(attention):
+    """ViT.activations (the outlier measure) sees the same logits and residual stream as the forward pass."""
+    model = small(attention).eval()
+    randomise_lambdas(model)
+    x = torch.randn(2, 3, 16, 16)
+    _, maps = model(x, return_attn=True)
+    hidden = model.embed(x)
+    for block, m, (logits, out) in zip(model.blocks, maps, model.activations(x)):
+        hidden, _ = block(hidden)
+        torch.testing.assert_close(out, hidden)
+        p = torch.softmax(logits, dim=-1)
+        if attention == 'diff':  # (B, 2h, T, T): every first softmax, then every second
+            h = block.attn.n_head
+            assert logits.shape == (2, 2 * h, 17, 17)
+            p = p[:, :h] - block.attn.lambda_full() * p[:, h:]
+        torch.testing.assert_close(p, m, atol=1e-6, rtol=1e-5)
 
 
 def test_lambda_init_per_layer():

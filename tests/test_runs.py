@@ -86,13 +86,14 @@ def test_a_live_lock_stops_the_run(data_dir, tmp_path):
                                           ('--learning_rate=1e-2', 'learning_rate 0.003 -> 0.01'),
                                           ('--augment=crop', "augment 'none' -> 'crop'")])
 def test_resume_refuses_other_settings(data_dir, finished, flag, message):
-    proc = run_train(*args_for(data_dir, finished, '--init_from=resume', flag), check=False)
+    proc = run_train(*args_for(data_dir, finished, '--epochs=1', '--init_from=resume', flag), check=False)
     one_line_error(proc, 'was trained with other settings', message)
     assert 'train /' not in proc.stdout  # before the data loads
 
 
 def test_resume_and_eval_take_settings_that_cannot_change_the_result(data_dir, finished):
-    proc = run_train(*args_for(data_dir, finished, '--init_from=resume', '--eval_only=True', '--log_interval=7'))
+    proc = run_train(*args_for(data_dir, finished, '--epochs=1', '--init_from=resume', '--eval_only=True',
+                               '--log_interval=7', f'--data_dir={data_dir}/../{os.path.basename(data_dir)}'))
     assert '"test_acc"' in proc.stdout
 
 

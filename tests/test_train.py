@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, run_train
+from data import load_dataset, normalize
+from model import ViT, ViTConfig
 
 HISTORY_KEYS = {'epoch', 'step', 'lr', 'train_loss', 'train_acc', 'val_loss', 'val_acc', 'time_s', 'peak_mem_mb'}
 
@@ -41,6 +43,25 @@ def test_run_learns_and_writes_valid_metrics(finished_run):
     assert 0 < m['attn_focus'] <= 1
     assert m['train_time_s'] > 0 and m['images_per_s'] > 0 and m['device'] == 'cpu' and m['torch'] == torch.__version__
     assert 'img/s' in proc.stdout and 'ETA' in proc.stdout and 'val loss' in proc.stdout
+    assert set(m['outliers']) == {'attn_logits', 'activations'}
+    assert all(o['top1'] >= o['top10'] >= o['median'] > 0 for o in m['outliers'].values())
+
+
+def test_outliers_are_the_exact_top_values_and_median(data_dir, tmp_path):
+    """metrics.json's outliers against a direct computation over the whole test set (float32, so both agree)."""
+    run_train('config/mnist_diff.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--epochs=1', '--dtype=float32',
+              *TINY)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    model = ViT(ViTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    x = normalize(load_dataset('mnist', data_dir)['test'][0], 'mnist')
+    with torch.no_grad():
+        logits, activations = (torch.cat([a.abs().flatten() for a in values]) for values in zip(*model.eval().activations(x)))
+    for key, values in (('attn_logits', logits), ('activations', activations)):
+        got = read_metrics(tmp_path)['outliers'][key]
+        top = values.topk(10).values
+        assert got['top1'] == pytest.approx(top[0].item(), rel=1e-4) and got['top10'] == pytest.approx(top[9].item(), rel=1e-4)
+        assert got['median'] == pytest.approx(values.median().item(), rel=5e-3)  # histogram bins of 0.23%
 
 
 def test_attention_sample_is_small_and_complete(finished_run):
@@ -57,11 +78,13 @@ def test_attention_sample_is_small_and_complete(finished_run):
 def test_eval_only_reproduces_the_test_result(finished_run, data_dir):
     out_dir, _ = finished_run
     proc = run_train('config/mnist_diff.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--init_from=resume',
-                     '--eval_only=True', *TINY)
+                     '--eval_only=True', '--epochs=3', *TINY)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     test = read_metrics(out_dir)['test']
     assert result['test_acc'] == test['acc'] and result['test_loss'] == pytest.approx(test['loss'], rel=1e-6)
     assert result['attn_focus'] == pytest.approx(read_metrics(out_dir)['attn_focus'], rel=1e-6)
+    for key, outliers in read_metrics(out_dir)['outliers'].items():
+        assert result['outliers'][key] == pytest.approx(outliers, rel=1e-6)
 
 
 def interrupt_after(args, line, sig=signal.SIGTERM):
