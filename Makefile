@@ -6,12 +6,13 @@ ARGS ?=
 PYTHON ?= python
 VARIANTS = vit balanced diff
 
-.PHONY: help mnist fashionmnist cifar10 cifar10_small plot test
+.PHONY: help mnist fashionmnist cifar10 cifar10_small plot test gpu_data
 
 help:
 	@echo "make mnist | fashionmnist | cifar10 | cifar10_small   train a study into results/ (SEEDS=\"$(SEEDS)\", ARGS=...)"
 	@echo "make plot                                           figures and table from results/"
 	@echo "make test                                           the test suite"
+	@echo "make gpu_data                                       pack data/ into parts for the GPU machine (README, GPU)"
 	@echo "Single runs: python train.py config/<file>.py (writes out/, git-ignored); python train.py --help"
 
 mnist fashionmnist cifar10 cifar10_small:
@@ -25,3 +26,9 @@ plot:
 
 test:
 	$(PYTHON) -m pytest tests
+
+# MNIST and CIFAR-10 from data/ in parts of at most 60 MiB, for a machine reached with 64 MiB per command (gpu.sh)
+gpu_data:
+	rm -rf gpu_data && mkdir gpu_data
+	tar czf - -C data MNIST/raw cifar-10-batches-py | split -b 60m -d - gpu_data/part
+	cd gpu_data && sha256sum part* > SHA256SUMS && ls -l

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU session in one command, in this order: the CUDA tests; bench.py for the MNIST and CIFAR-10 configs (eager
+# and compiled, fused and explicit); one 10-epoch config/mnist_vit.py run timed end to end, compilation included;
+# then CIFAR-10 with the GPU configs, the three variants at once on the one card, for the time left (epochs sized
+# from the bench numbers). Everything lands in results/gpu_<card>/ with log.txt; when $OUT is set (the device tool)
+# the folder is also packed into $OUT/gpu_<card>.tar.gz, checkpoints left out.
+#   bash gpu.sh              on the GPU machine; unpacks gpu_data/ (make gpu_data, README "GPU") into data/ first
+#   DRY_RUN=1 bash gpu.sh    on a CPU with tiny models and a few steps: the test suite runs this, so it cannot rot
+# Settings (environment): BUDGET_S (default 450: the whole command), DATA_DIR (data), RESULTS_DIR (results), SEED (0).
+set -uo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-450}
+DATA_DIR=${DATA_DIR:-data}
+SEED=${SEED:-0}
+
+if [ -n "${DRY_RUN:-}" ]; then
+  card=dry_run
+  model_args="--device=cpu --compile=False --n_layer=1 --n_embd=32 --mlp_dim=64"
+  bench_args="--compiles=False --warmup_steps=1 --timed_steps=2"
+  mnist_args="--epochs=1"
+else
+  card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
+  model_args=""
+  bench_args="--warmup_steps=5 --timed_steps=20"
+  mnist_args=""
+fi
+out=${RESULTS_DIR:-results}/gpu_$card
+mkdir -p "$out"
+log=$out/log.txt
+say() { echo "[gpu.sh +${SECONDS}s] $*" | tee -a "$log"; }
+left() { echo $((BUDGET_S - SECONDS)); }
+
+if [ -f gpu_data/SHA256SUMS ] && [ ! -f "$DATA_DIR/cifar-10-batches-py/test_batch" ]; then
+  say "unpacking gpu_data/ into $DATA_DIR/"
+  (cd gpu_data && sha256sum --quiet -c SHA256SUMS) || { say "gpu_data/ is incomplete: carry every part first"; exit 1; }
+  mkdir -p "$DATA_DIR" && cat gpu_data/part* | tar xzf - -C "$DATA_DIR" || exit 1
+fi
+
+say "1/4 CUDA tests ($card, torch $($PY -c 'import torch; print(torch.__version__)'))"
+timeout 150 $PY -m pytest tests/test_cuda.py -v -rs 2>&1 | tee -a "$log"
+
+say "2/4 bench"
+for config in mnist_vit cifar10_vit cifar10_small_vit; do
+  timeout 150 $PY bench.py config/$config.py --data_dir="$DATA_DIR" $model_args $bench_args 2>&1 \
+    | tee "$out/bench_$config.txt" | grep -v '^{' | tee -a "$log"
+done
+
+say "3/4 config/mnist_vit.py, 10 epochs, timed end to end"
+start=$(date +%s.%N)
+timeout 120 $PY train.py config/mnist_vit.py --data_dir="$DATA_DIR" --seed="$SEED" --out_dir="$out/mnist_vit/seed$SEED" \
+  --overwrite=True $model_args $mnist_args 2>&1 | tee -a "$log" | grep -E 'done|test loss'
+echo "{\"run\": \"mnist_vit\", \"wall_s\": $($PY -c "print(round($(date +%s.%N) - $start, 1))")}" | tee "$out/mnist_wall.json" | tee -a "$log"
+
+# epochs for the time left: the three runs share the card, so each gets a third of the bench's compiled diff rate
+# (the slowest); a minute is kept for compiling, evaluating and packing
+rate=$($PY -c "import json, sys; rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{')]
+print(min(r['img_per_s'] for r in rows if r['attention'] == 'diff' and r['impl'] == 'fused'))" "$out/bench_cifar10_vit.txt")
+epochs=$($PY -c "print(max(1, int(($(left) - 60) * $rate / 3 / 45000)))")
+[ -n "${DRY_RUN:-}" ] && epochs=1
+say "4/4 CIFAR-10, vit / balanced / diff at once, $epochs epochs each (diff bench rate $rate img/s, $(left) s left)"
+for variant in vit balanced diff; do
+  timeout $(($(left) - 20)) $PY train.py config/cifar10_$variant.py --data_dir="$DATA_DIR" --seed="$SEED" --epochs="$epochs" \
+    --out_dir="$out/cifar10_$variant/seed$SEED" --overwrite=True --log_interval=1000 $model_args > "$out/cifar10_$variant.log" 2>&1 &
+done
+wait
+grep -h -E 'test loss|error' "$out"/cifar10_*.log | tee -a "$log"
+
+find "$out" -name ckpt.pt -delete
+say "done: $out"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu_$card.tar.gz" -C "$(dirname "$out")" "gpu_$card" && cp "$log" "$OUT/log.txt"
+fi
