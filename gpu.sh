@@ -5,8 +5,9 @@
 # from the bench numbers). Everything lands in results/gpu_<card>/ with log.txt; when $OUT is set (the device tool)
 # the folder is also packed into $OUT/gpu_<card>.tar.gz, checkpoints left out.
 #   bash gpu.sh              on the GPU machine; unpacks gpu_data/ (make gpu_data, README "GPU") into data/ first
-#   DRY_RUN=1 bash gpu.sh    on a CPU with tiny models and a few steps: the test suite runs this, so it cannot rot
-# Settings (environment): BUDGET_S (default 450: the whole command), DATA_DIR (data), RESULTS_DIR (results), SEED (0).
+#   DRY_RUN=1 bash gpu.sh    on a CPU with tiny models and a few steps, into out/: the test suite runs this
+# Settings (environment): BUDGET_S (default 450: the whole command), DATA_DIR (data), RESULTS_DIR (results, or out
+# for a dry run), SEED (0).
 set -uo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -16,13 +17,16 @@ SEED=${SEED:-0}
 
 if [ -n "${DRY_RUN:-}" ]; then
   card=dry_run
+  RESULTS_DIR=${RESULTS_DIR:-out}
   model_args="--device=cpu --compile=False --n_layer=1 --n_embd=32 --mlp_dim=64"
-  bench_args="--compiles=False --warmup_steps=1 --timed_steps=2"
+  bench_args="--warmup_steps=1 --timed_steps=2"
+  compile_settings=False
   mnist_args="--epochs=1"
 else
   card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
   model_args=""
   bench_args="--warmup_steps=5 --timed_steps=20"
+  compile_settings="False True"
   mnist_args=""
 fi
 out=${RESULTS_DIR:-results}/gpu_$card
@@ -38,12 +42,16 @@ if [ -f gpu_data/SHA256SUMS ] && [ ! -f "$DATA_DIR/cifar-10-batches-py/test_batc
 fi
 
 say "1/4 CUDA tests ($card, torch $($PY -c 'import torch; print(torch.__version__)'))"
-timeout 150 $PY -m pytest tests/test_cuda.py -v -rs 2>&1 | tee -a "$log"
+timeout 120 $PY -m pytest tests/test_cuda.py -v -rs 2>&1 | tee -a "$log"
 
 say "2/4 bench"
+# one process per config and compile setting, each under a timeout, so that a slow compile loses only its own rows
 for config in mnist_vit cifar10_vit cifar10_small_vit; do
-  timeout 150 $PY bench.py config/$config.py --data_dir="$DATA_DIR" $model_args $bench_args 2>&1 \
-    | tee "$out/bench_$config.txt" | grep -v '^{' | tee -a "$log"
+  for compiles in $compile_settings; do
+    [ "$config" = cifar10_small_vit ] && [ "$compiles" = True ] && continue  # the CPU model: eager is enough
+    timeout 100 $PY bench.py config/$config.py --data_dir="$DATA_DIR" --compiles=$compiles $model_args $bench_args 2>&1 \
+      | tee -a "$out/bench_$config.txt" | grep -v '^{' | tee -a "$log"
+  done
 done
 
 say "3/4 config/mnist_vit.py, 10 epochs, timed end to end"
@@ -59,8 +67,9 @@ print(min(r['img_per_s'] for r in rows if r['attention'] == 'diff' and r['impl']
 epochs=$($PY -c "print(max(1, int(($(left) - 60) * $rate / 3 / 45000)))")
 [ -n "${DRY_RUN:-}" ] && epochs=1
 say "4/4 CIFAR-10, vit / balanced / diff at once, $epochs epochs each (diff bench rate $rate img/s, $(left) s left)"
+limit=$(($(left) - 20)); [ "$limit" -lt 30 ] && limit=30
 for variant in vit balanced diff; do
-  timeout $(($(left) - 20)) $PY train.py config/cifar10_$variant.py --data_dir="$DATA_DIR" --seed="$SEED" --epochs="$epochs" \
+  timeout $limit $PY train.py config/cifar10_$variant.py --data_dir="$DATA_DIR" --seed="$SEED" --epochs="$epochs" \
     --out_dir="$out/cifar10_$variant/seed$SEED" --overwrite=True --log_interval=1000 $model_args > "$out/cifar10_$variant.log" 2>&1 &
 done
 wait
