@@ -168,8 +168,11 @@ def take_lock():
         try:
             fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            with open(lock_path) as f:
-                holder = f.read().strip()
+            try:
+                with open(lock_path) as f:
+                    holder = f.read().strip()
+            except FileNotFoundError:  # its holder released it a moment ago
+                continue
             if not holder.isdigit() or process_alive(int(holder)):  # empty: its holder is writing it right now
                 fail(f"{out_dir} is in use by a running process (pid {holder or '?'}, {lock_path}): wait for it to "
                      "finish, or use another --out_dir or --seed")
