@@ -12,11 +12,11 @@ from conftest import ROOT
 ACCS = {'vit': [0.97, 0.98, 0.99], 'balanced': [0.96, 0.96, 0.96], 'diff': [0.99, 0.991, 0.992]}
 
 
-def write_run(root, dataset, variant, seed, acc, epochs=4, attention=True, outliers=None):
+def write_run(root, dataset, variant, seed, acc, epochs=4, attention=True, outliers=None, epoch_s=2.0):
     out = os.path.join(root, f'{dataset}_{variant}', f'seed{seed}')
     os.makedirs(out)
     history = [dict(epoch=e, step=10 * e, lr=1e-3, train_loss=1 / e, train_acc=acc - 0.1 / e, val_loss=1 / e + seed * 0.01,
-                    val_acc=acc - 0.05 / e, time_s=2.0 * e) for e in range(1, epochs + 1)]
+                    val_acc=acc - 0.05 / e, time_s=epoch_s * e) for e in range(1, epochs + 1)]
     config = dict(epochs=epochs, seed=seed, out_dir=out, learning_rate=1e-3)
     metrics = dict(run=f'{dataset}_{variant}', seed=seed, dataset=dataset, config=config, params=1000 + (variant == 'diff'),
                    history=history, test=dict(loss=1 - acc, acc=acc), best_val_loss=history[-1]['val_loss'],
@@ -54,7 +54,8 @@ def test_figures_and_table(results, capsys):
     assert vit[4] == '98.00 ± 1.00'  # test acc in %, mean ± sample std
     assert vit[3] == '0.0200 ± 0.0100'  # test loss
     assert vit[2] == f"{np.mean([0.25, 0.26, 0.27]):.4f} ± 0.0100"  # last epoch's val loss
-    assert vit[5] == '0.490 ± 0.005' and vit[6] == '3' and vit[7] == '2.0'
+    assert vit[5] == '0.490 ± 0.005' and vit[6] == '3' and vit[7] == '2.0' and vit[8] == '0.1 ± 0.0'
+    assert 'min to 70% val' not in table  # MNIST reaches it in the first epoch: only CIFAR-10 reports it
     assert '95.51' in table  # the old project's table sits beside ours
     assert 'mnist_diff vs mnist_balanced, test acc (points): +3.1000' in table
     assert 'significant (p < 0.05)' in table and 'not significant' in table
@@ -108,6 +109,18 @@ def test_outlier_table_and_tests(tmp_path):
     assert '| cifar10_vit | 60.0 ± 10.0 | 40.0 ± 0.0 | 0.500 ± 0.000 | 60.0 ± 10.0 | 40.0 ± 0.0 | 0.500 ± 0.000 | 3 |' in table
     assert 'cifar10_diff vs cifar10_vit, largest |attention logit|: -54.0000' in table
     assert 'cifar10_diff vs cifar10_vit, largest |activation|: -54.0000' in table
+
+
+def test_time_to_validation_accuracy(tmp_path):
+    for seed, acc in enumerate((0.72, 0.74, 0.815)):  # val_acc = acc - 0.05 / epoch, 10 minutes per epoch, epochs 1-4
+        write_run(str(tmp_path), 'cifar10', 'vit', seed, acc, attention=False, epoch_s=600.0)
+    plot.main(str(tmp_path))
+    lines = (tmp_path / 'README.md').read_text().splitlines()
+    header = next(line for line in lines if line.startswith('| model'))
+    row = dict(zip(header.split(' | '), next(line for line in lines if line.startswith('| cifar10_vit')).split(' | ')))
+    # 70% in epochs 3, 2, 1 (30, 20, 10 minutes); 80% only by seed 2, in epoch 4
+    assert row['min to 70% val'] == '20.0 ± 10.0'
+    assert row['min to 80% val'] == '40.0 (1 of 3 seeds)'
 
 
 def test_welch_t_test_matches_reference_values():
