@@ -1,10 +1,13 @@
 """
 Figures and the results table from every run under a results folder:
 $ python plot.py results/
-Reads each <run_name>/seed<seed>/metrics.json (and attention.npz beside it), groups the runs by dataset and
-run_name, aggregates the seeds (mean ± std) and writes, per dataset, <dataset>_val_loss.png,
-<dataset>_val_acc.png and <dataset>_attention.png, plus README.md with the results table, which it also prints.
-The seeds of one run_name must share every result-changing setting: runs that differ are an error, never mixed.
+Reads each <run_name>/seed<seed>/metrics.json (and attention.npz beside it), groups the runs by study, dataset and
+run_name, aggregates the seeds (mean ± std) and writes, per study and dataset, <dataset>_val_loss.png,
+<dataset>_val_acc.png and <dataset>_attention.png, plus README.md with the results tables, which it also prints.
+A study is the folder that holds the <run_name> folders: the results folder itself, or a subfolder of it such as
+results/gpu_NVIDIA_H200/, whose runs get their own tables and figures (in that subfolder) and are never pooled with
+the others. The seeds of one run_name in one study must share every result-changing setting: runs that differ are an
+error, never mixed.
 """
 
 import glob
@@ -46,7 +49,8 @@ def fail(message):
 
 
 def load_runs(folder):
-    """{dataset: {run_name: [metrics of each seed, by seed]}} for the finished runs under folder."""
+    """{(study, dataset): {run_name: [metrics of each seed, by seed]}} for the finished runs under folder; study is
+    the path from folder to the folder holding <run_name>/seed<seed>/, '.' for folder itself."""
     paths = sorted(glob.glob(os.path.join(folder, '**', 'metrics.json'), recursive=True))
     if not paths:
         fail(f"no metrics.json under {folder}/: train some runs first, e.g. python train.py config/mnist_diff.py")
@@ -64,10 +68,12 @@ def load_runs(folder):
             print(f"skipping {path}: the run has not finished")
             continue
         m['path'] = os.path.dirname(path)
-        runs[m['dataset']][m['run']].append(m)
+        parts = os.path.relpath(m['path'], folder).split(os.sep)
+        study = os.path.join(*parts[:-2]) if len(parts) > 2 else '.'
+        runs[study, m['dataset']][m['run']].append(m)
     if not runs:
         fail(f"no finished run under {folder}/")
-    runs = {d: {r: sorted(ms, key=lambda m: m['seed']) for r, ms in by_run.items()} for d, by_run in runs.items()}
+    runs = {k: {r: sorted(ms, key=lambda m: m['seed']) for r, ms in by_run.items()} for k, by_run in runs.items()}
     for by_run in runs.values():
         for run, ms in by_run.items():
             first = ms[0]['config']
@@ -263,30 +269,32 @@ def main(folder):
               "10th largest and median |value| over the test set of the attention logits before each softmax "
               "(QKᵀ/√d) and of the residual stream (every block's output).", ""]
     written = []
-    for dataset in sorted(runs):
-        by_run = runs[dataset]
+    for study, dataset in sorted(runs, key=lambda k: (k[0] != '.', k)):  # the folder's own runs first
+        by_run = runs[study, dataset]
+        figure = {kind: os.path.normpath(os.path.join(study, f'{dataset}_{kind}.png'))  # relative to folder
+                  for kind in ('val_loss', 'val_acc', 'attention')}
         for key, ylabel in (('val_loss', 'validation loss'), ('val_acc', 'validation accuracy')):
-            written.append(os.path.join(folder, f'{dataset}_{key}.png'))
+            written.append(os.path.join(folder, figure[key]))
             curve_figure(dataset, by_run, key, ylabel, written[-1])
-        has_attention = attention_figure(dataset, by_run, os.path.join(folder, f'{dataset}_attention.png'))
+        has_attention = attention_figure(dataset, by_run, os.path.join(folder, figure['attention']))
         if has_attention:
-            written.append(os.path.join(folder, f'{dataset}_attention.png'))
-        report += [f"## {dataset}", ""] + dataset_table(dataset, by_run) + [""]
+            written.append(os.path.join(folder, figure['attention']))
+        report += [f"## {dataset}" + ('' if study == '.' else f" ({study}/)"), ""] + dataset_table(dataset, by_run) + [""]
         outliers = outlier_table(by_run)
         if outliers:
             report += ["Outliers:", ""] + outliers + [""]
         comparisons = comparison(by_run)
         if comparisons:
             report += ["Differential vs classic attention:", ""] + comparisons + [""]
-        if dataset in OLD_TABLE:
+        if dataset in OLD_TABLE and study == '.':  # the old project's numbers beside the main study only
             report += ["The old project's published table (single seed, wrong parameter counts):", "",
                        "| model | params (as published) | val loss | test loss | test acc (%) |", "|---|---|---|---|---|"]
             report += [f"| {n} | {p} | {vl:.3f} | {tl:.3f} | {100 * a:.2f} |" for n, p, vl, tl, a in OLD_TABLE[dataset]]
             report.append("")
-        report += [f"![{dataset} validation loss]({dataset}_val_loss.png)",
-                   f"![{dataset} validation accuracy]({dataset}_val_acc.png)"]
+        report += [f"![{dataset} validation loss]({figure['val_loss']})",
+                   f"![{dataset} validation accuracy]({figure['val_acc']})"]
         if has_attention:
-            report.append(f"![{dataset} attention maps]({dataset}_attention.png)")
+            report.append(f"![{dataset} attention maps]({figure['attention']})")
         report.append("")
     text = '\n'.join(report)
     with open(os.path.join(folder, 'README.md.tmp'), 'w') as f:

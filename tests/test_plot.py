@@ -80,10 +80,24 @@ def test_runs_with_other_settings_are_never_mixed(tmp_path):
     assert not (tmp_path / 'README.md').exists()
 
 
+def test_a_subfolder_is_its_own_study_never_pooled(tmp_path):
+    for seed in range(2):
+        write_run(str(tmp_path), 'mnist', 'vit', seed, 0.97)
+        write_run(str(tmp_path / 'gpu_card'), 'mnist', 'vit', seed, 0.90, epochs=1)  # other settings, same run name
+    plot.main(str(tmp_path))
+    table = (tmp_path / 'README.md').read_text()
+    sections = table.split('## mnist')[1:]
+    assert [s.split('\n')[0] for s in sections] == ['', ' (gpu_card/)']  # the folder's own runs first
+    assert '| mnist_vit | 1,000 | 0.2550 ± 0.0071 |' in sections[0] and '97.00 ± 0.00' in sections[0]
+    assert '90.00 ± 0.00' in sections[1] and '95.51' not in sections[1]  # the old project's table only once
+    assert (tmp_path / 'gpu_card' / 'mnist_val_acc.png').exists() and '(gpu_card/mnist_val_acc.png)' in sections[1]
+    assert '(mnist_val_acc.png)' in sections[0]
+
+
 def test_attention_figure_shares_its_colour_scales_and_names_seed_and_classes(results, monkeypatch):
     figures = []
     monkeypatch.setattr(plot.plt, 'close', figures.append)
-    plot.attention_figure('fashionmnist', plot.load_runs(str(results))['fashionmnist'], str(results / 'a.png'))
+    plot.attention_figure('fashionmnist', plot.load_runs(str(results))['.', 'fashionmnist'], str(results / 'a.png'))
     fig = figures[0]
     rows = {}
     for ax in fig.axes:
