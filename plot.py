@@ -81,6 +81,9 @@ def load_runs(folder):
                 differences = [f"{k} ({first.get(k)!r} vs {m['config'].get(k)!r})"
                                for k in sorted(set(first) | set(m['config']))
                                if k not in POOLED_KEYS and first.get(k) != m['config'].get(k)]
+                precisions = (ms[0].get('precision'), m.get('precision'))  # what dtype resolved to; older runs lack it
+                if None not in precisions and precisions[0] != precisions[1]:
+                    differences.append(f"precision ({precisions[0]!r} vs {precisions[1]!r})")
                 if differences:
                     fail(f"the runs of {run} in {ms[0]['path']} and {m['path']} differ in {', '.join(differences)}: "
                          "move one away or give it another run_name")

@@ -215,6 +215,8 @@ if init_from == 'resume':  # the run goes on only with the settings it was start
     changed = [f"{k} {checkpoint['config'].get(k)!r} -> {config.get(k)!r}"
                for k in sorted(set(checkpoint['config']) | set(config))
                if k not in RESULT_NEUTRAL_KEYS and checkpoint['config'].get(k) != config.get(k)]
+    if checkpoint.get('precision', dtype) != dtype:  # dtype='auto' resolves by machine; older checkpoints lack it
+        changed.append(f"precision {checkpoint['precision']!r} -> {dtype!r} (dtype={config['dtype']!r} on this machine)")
     if changed:
         fail(f"{ckpt_path} was trained with other settings (checkpoint -> now: {'; '.join(changed)}): resume with "
              "the checkpoint's settings, or start a new run in another --out_dir")
@@ -337,7 +339,8 @@ def write_atomic(path, write):
 
 def save_checkpoint():
     checkpoint = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                      model_args=asdict(model_args), config=config, state=state, rng_cpu=torch.get_rng_state())
+                      model_args=asdict(model_args), config=config, precision=dtype, state=state,
+                      rng_cpu=torch.get_rng_state())
     if device_type == 'cuda':
         checkpoint['rng_cuda'] = torch.cuda.get_rng_state()
     write_atomic(ckpt_path, lambda f: torch.save(checkpoint, f))
@@ -347,7 +350,7 @@ def save_metrics(test=None, **final):
     metrics = dict(run=run_name, seed=seed, dataset=dataset, config=config, params=raw_model.num_params(),
                    history=state['history'], test=test, best_val_loss=state['best_val_loss'],
                    train_time_s=state['elapsed'], images_per_s=state['train_images'] / max(state['train_time'], 1e-9),
-                   device=torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu',
+                   device=torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu', precision=dtype,
                    world_size=world_size, torch=torch.__version__)
     metrics.update({k: v for k, v in final.items() if v is not None})  # attn_focus, outliers: after the last epoch
     write_atomic(metrics_path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))

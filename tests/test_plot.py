@@ -80,6 +80,20 @@ def test_runs_with_other_settings_are_never_mixed(tmp_path):
     assert not (tmp_path / 'README.md').exists()
 
 
+def test_seeds_whose_dtype_resolved_differently_are_never_mixed(tmp_path):
+    for seed, precision in enumerate(['float32', None, 'bfloat16']):  # None: a run from before train.py recorded it
+        write_run(str(tmp_path), 'mnist', 'vit', seed, 0.97)
+        if precision:
+            path = tmp_path / 'mnist_vit' / f'seed{seed}' / 'metrics.json'
+            path.write_text(json.dumps(dict(json.loads(path.read_text()), precision=precision)))
+    proc = subprocess.run([sys.executable, 'plot.py', str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "precision ('float32' vs 'bfloat16')" in proc.stderr and 'seed2' in proc.stderr
+    (tmp_path / 'mnist_vit' / 'seed2' / 'metrics.json').unlink()
+    plot.main(str(tmp_path))  # float32 beside an unrecorded one pools
+    assert '| 2 |' in (tmp_path / 'README.md').read_text()
+
+
 def test_a_subfolder_is_its_own_study_never_pooled(tmp_path):
     for seed in range(2):
         write_run(str(tmp_path), 'mnist', 'vit', seed, 0.97)

@@ -1,6 +1,7 @@
 """Runs you can trust: out_dir is never overwritten by accident, resume keeps the run's settings, early clear
 failures, --help, and the layout that keeps ad-hoc runs out of the committed results/."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -89,6 +90,19 @@ def test_resume_refuses_other_settings(data_dir, finished, flag, message):
     proc = run_train(*args_for(data_dir, finished, '--epochs=1', '--init_from=resume', flag), check=False)
     one_line_error(proc, 'was trained with other settings', message)
     assert 'train /' not in proc.stdout  # before the data loads
+
+
+def test_resume_refuses_a_precision_that_auto_resolved_differently(data_dir, finished, tmp_path):
+    """dtype='auto' is the same setting everywhere but bfloat16 on one machine and float32 on another."""
+    with open(finished / 'metrics.json') as f:
+        precision = json.load(f)['precision']
+    assert precision in ('float32', 'bfloat16')  # what 'auto' resolved to on this CPU
+    checkpoint = torch.load(finished / 'ckpt.pt', weights_only=True)
+    assert checkpoint['precision'] == precision
+    checkpoint['precision'] = 'float16'  # as 'auto' resolves on a GPU without bfloat16, never on a CPU
+    torch.save(checkpoint, tmp_path / 'ckpt.pt')
+    proc = run_train(*args_for(data_dir, tmp_path, '--epochs=1', '--init_from=resume'), check=False)
+    one_line_error(proc, 'was trained with other settings', f"precision 'float16' -> '{precision}'", "dtype='auto'")
 
 
 def test_resume_and_eval_take_settings_that_cannot_change_the_result(data_dir, finished):
