@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The GPU session in one command, in this order: the CUDA tests; bench.py for the MNIST and CIFAR-10 configs (eager
-# and compiled, fused and explicit); one 10-epoch config/mnist_vit.py run timed end to end, compilation included;
+# and compiled, fused and explicit), and an epoch of the resident data pipeline against a DataLoader; one 10-epoch config/mnist_vit.py run timed end to end, compilation included;
 # then CIFAR-10 with the GPU configs, the three variants and diff in float32 at once on the one card, for the time
 # left (epochs sized from the bench numbers). Everything lands in a new folder, results/gpu_<card>_<date>_<time>/
 # (never one of an earlier session), with log.txt; when $OUT is set (the device tool) the folder is also packed into
 # $OUT/gpu_<card>.tar.gz, checkpoints left out.
 #   bash gpu.sh              on the GPU machine; unpacks gpu_data/ (make gpu_data, README "GPU") into data/ first
 #   DRY_RUN=1 bash gpu.sh    on a CPU with tiny models and a few steps, into out/: the test suite runs this
-# Settings (environment): BUDGET_S (default 450: the whole command), DATA_DIR (data), RESULTS_DIR (results, or out
+# Settings (environment): BUDGET_S (default 540: the whole command), DATA_DIR (data), RESULTS_DIR (results, or out
 # for a dry run), SEED (0).
 set -uo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-540}
 DATA_DIR=${DATA_DIR:-data}
 SEED=${SEED:-0}
 
@@ -23,12 +23,14 @@ if [ -n "${DRY_RUN:-}" ]; then
   bench_args="--warmup_steps=1 --timed_steps=2"
   compile_settings=False
   mnist_args="--epochs=1"
+  workers=1
 else
   card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || exit 1
   model_args=""
   bench_args="--warmup_steps=5 --timed_steps=20"
   compile_settings="False True"
   mnist_args=""
+  workers=8
 fi
 out=${RESULTS_DIR:-results}/gpu_${card}_$(date +%Y-%m-%d_%H%M%S)
 mkdir -p "$out"
@@ -54,6 +56,10 @@ for config in mnist_vit cifar10_vit cifar10_small_vit; do
       | tee -a "$out/bench_$config.txt" | grep -v '^{' | tee -a "$log"
   done
 done
+# one epoch of CIFAR-10 through data.py's resident pipeline, then through a torchvision DataLoader, same eager model
+timeout 120 $PY bench.py config/cifar10_vit.py --data_dir="$DATA_DIR" --pipeline=True --attentions=classic --impls=fused \
+  --compiles=False --compile=False --num_workers=$workers $model_args $bench_args 2>&1 \
+  | tee -a "$out/bench_pipeline.txt" | grep -v '^{' | tee -a "$log"
 
 say "3/4 config/mnist_vit.py, 10 epochs, timed end to end"
 start=$(date +%s.%N)

@@ -20,6 +20,8 @@ def test_gpu_script_dry_run(data_dir, tmp_path):
     for config in ('mnist_vit', 'cifar10_vit', 'cifar10_small_vit'):
         rows = [json.loads(line) for line in (out / f'bench_{config}.txt').read_text().splitlines() if line.startswith('{')]
         assert {(r['attention'], r['impl']) for r in rows} == {(a, i) for a in ('classic', 'diff') for i in ('fused', 'explicit')}
+    rows = [json.loads(line) for line in (out / 'bench_pipeline.txt').read_text().splitlines() if line.startswith('{')]
+    assert [r['pipeline'] for r in rows if 'pipeline' in r] == ['resident', 'dataloader']
     assert json.loads((out / 'mnist_wall.json').read_text())['wall_s'] > 0
     for run in ('mnist_vit', 'cifar10_vit', 'cifar10_balanced', 'cifar10_diff', 'float32/cifar10_diff'):
         with open(out / run / 'seed0' / 'metrics.json') as f:
