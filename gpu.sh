@@ -3,9 +3,9 @@
 # and compiled, fused and explicit), and an epoch of the resident data pipeline against a DataLoader; one 10-epoch
 # config/mnist_vit.py run timed end to end, compilation included; then CIFAR-10 with the GPU configs, the three
 # variants and diff in float32 at once on the one card, for the time left (epochs sized from the bench numbers).
-# Everything lands in a new folder, results/gpu_<card>_<date>_<time>/
-# (never one of an earlier session), with log.txt; when $OUT is set (the device tool) the folder is also packed into
-# $OUT/gpu_<card>.tar.gz, checkpoints left out.
+# Everything lands in a new folder, results/gpu_<card>_<date>_<time>/ (never one of an earlier session), with
+# log.txt; when $OUT is set (the device tool) the folder is also packed into $OUT/gpu_<card>.tar.gz, checkpoints
+# left out.
 #   bash gpu.sh              on the GPU machine; unpacks gpu_data/ (make gpu_data, README "GPU") into data/ first
 #   DRY_RUN=1 bash gpu.sh    on a CPU with tiny models and a few steps, into out/: the test suite runs this
 # Settings (environment): BUDGET_S (default 540: the whole command), DATA_DIR (data), RESULTS_DIR (results, or out
