@@ -27,8 +27,8 @@ plot:
 test:
 	$(PYTHON) -m pytest tests
 
-# MNIST and CIFAR-10 from data/ in parts of at most 60 MiB, for a machine reached with 64 MiB per command (gpu.sh)
+# MNIST and CIFAR-10 from data/ in parts of at most 48 MiB, for a machine reached with 64 MiB per command (gpu.sh)
 gpu_data:
 	rm -rf gpu_data && mkdir gpu_data
-	tar czf - -C data MNIST/raw cifar-10-batches-py | split -b 60m -d - gpu_data/part
+	tar czf - -C data MNIST/raw cifar-10-batches-py | split -b 48m -d - gpu_data/part
 	cd gpu_data && sha256sum part* > SHA256SUMS && ls -l
