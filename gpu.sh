@@ -2,7 +2,7 @@
 # The GPU session in one command, in this order: the CUDA tests; bench.py for the MNIST and CIFAR-10 configs (eager
 # and compiled, fused and explicit), and an epoch of the resident data pipeline against a DataLoader; one 10-epoch
 # config/mnist_vit.py run timed end to end, compilation included; then CIFAR-10 with the GPU configs, the three
-# variants and diff in float32 at once on the one card, for the time left (epochs sized from the bench numbers).
+# variants and diff in bfloat16 at once on the one card, for the time left (epochs sized from the bench numbers).
 # Everything lands in a new folder, results/gpu_<card>_<date>_<time>/ (never one of an earlier session), with
 # log.txt; when $OUT is set (the device tool) the folder is also packed into $OUT/gpu_<card>.tar.gz, checkpoints
 # left out.
@@ -68,26 +68,26 @@ timeout 120 $PY train.py config/mnist_vit.py --data_dir="$DATA_DIR" --seed="$SEE
   --overwrite=True $model_args $mnist_args 2>&1 | tee -a "$log" | grep -E 'done|test loss'
 echo "{\"run\": \"mnist_vit\", \"wall_s\": $($PY -c "print(round($(date +%s.%N) - $start, 1))")}" | tee "$out/mnist_wall.json" | tee -a "$log"
 
-# epochs for the time left. Four runs share the card: the three variants, and diff again in float32 (its own study
-# folder for plot.py), because diff trailed classic by 25 points in bfloat16 on the H200. The card is not saturated
-# by one run: three at once ran at 1.8x, six at once at 2.2x the bench's eager fused diff rate in all (H200), so each
-# of the four gets half that rate; a minute is kept for compiling, evaluating and packing
+# epochs for the time left. Four runs share the card: the three variants (float32, as configured), and diff again in
+# bfloat16 (its own study folder for plot.py), which cost diff 15 points on the H200 (results/NOTES.md). The card is
+# not saturated by one run: three at once ran at 1.8x, six at once at 2.2x the bench's eager fused diff rate in all
+# (H200), so each of the four gets half that rate; a minute is kept for compiling, evaluating and packing
 rate=$($PY -c "import json, sys; rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{')]
 print(min(r['img_per_s'] for r in rows if r['attention'] == 'diff' and r['impl'] == 'fused'))" "$out/bench_cifar10_vit.txt")
 epochs=$($PY -c "print(max(1, int(($(left) - 60) * $rate / 2 / 45000)))")
 [ -n "${DRY_RUN:-}" ] && epochs=1
-say "4/4 CIFAR-10, vit / balanced / diff / diff in float32 at once, $epochs epochs each (diff bench rate $rate img/s, $(left) s left)"
+say "4/4 CIFAR-10, vit / balanced / diff / diff in bfloat16 at once, $epochs epochs each (diff bench rate $rate img/s, $(left) s left)"
 limit=$(($(left) - 20)); [ "$limit" -lt 30 ] && limit=30
-for run in vit balanced diff diff:float32; do
+for run in vit balanced diff diff:bfloat16; do
   variant=${run%:*} dtype_args="" dir=$out
-  [ "$run" = diff:float32 ] && dtype_args="--dtype=float32" dir=$out/float32
+  [ "$run" = diff:bfloat16 ] && dtype_args="--dtype=bfloat16" dir=$out/bfloat16
   mkdir -p "$dir"
   timeout $limit $PY train.py config/cifar10_$variant.py --data_dir="$DATA_DIR" --seed="$SEED" --epochs="$epochs" \
     --out_dir="$dir/cifar10_$variant/seed$SEED" --overwrite=True --log_interval=1000 $dtype_args $model_args \
     > "$dir/cifar10_$variant.log" 2>&1 &
 done
 wait
-grep -H -E 'test loss|error' "$out"/cifar10_*.log "$out"/float32/cifar10_*.log | tee -a "$log"
+grep -H -E 'test loss|error' "$out"/cifar10_*.log "$out"/bfloat16/cifar10_*.log | tee -a "$log"
 
 find "$out" -name ckpt.pt -delete
 say "done: $out"

@@ -22,3 +22,5 @@ weight_decay = 0.05
 label_smoothing = 0.1
 grad_clip = 1.0
 augment = 'randaugment'
+# float32, TF32 matmuls on CUDA: in bfloat16 diff fell 15 points below its float32 self on an H200 (results/NOTES.md)
+dtype = 'float32'

@@ -23,12 +23,12 @@ def test_gpu_script_dry_run(data_dir, tmp_path):
     rows = [json.loads(line) for line in (out / 'bench_pipeline.txt').read_text().splitlines() if line.startswith('{')]
     assert [r['pipeline'] for r in rows if 'pipeline' in r] == ['resident', 'dataloader']
     assert json.loads((out / 'mnist_wall.json').read_text())['wall_s'] > 0
-    for run in ('mnist_vit', 'cifar10_vit', 'cifar10_balanced', 'cifar10_diff', 'float32/cifar10_diff'):
+    for run in ('mnist_vit', 'cifar10_vit', 'cifar10_balanced', 'cifar10_diff', 'bfloat16/cifar10_diff'):
         with open(out / run / 'seed0' / 'metrics.json') as f:
             m = json.load(f)
         assert m['test'] is not None and 'outliers' in m
-        assert m['config']['dtype'] == ('float32' if run.startswith('float32') else 'auto')
+        assert m['config']['dtype'] == {'mnist_vit': 'auto', 'bfloat16/cifar10_diff': 'bfloat16'}.get(run, 'float32')
     assert not list(out.rglob('ckpt.pt'))
     with tarfile.open(tmp_path / 'out' / 'gpu_dry_run.tar.gz') as tar:
-        assert f'{out.name}/float32/cifar10_diff/seed0/metrics.json' in tar.getnames()
+        assert f'{out.name}/bfloat16/cifar10_diff/seed0/metrics.json' in tar.getnames()
     assert sorted(os.listdir(tmp_path / 'out')) == ['gpu_dry_run.tar.gz', 'log.txt']  # the device tool takes 8 files
