@@ -12,15 +12,22 @@ from conftest import ROOT
 ACCS = {'vit': [0.97, 0.98, 0.99], 'balanced': [0.96, 0.96, 0.96], 'diff': [0.99, 0.991, 0.992]}
 
 
-def write_run(root, dataset, variant, seed, acc, epochs=4, attention=True, outliers=None, epoch_s=2.0):
+def write_run(root, dataset, variant, seed, acc, epochs=4, attention=True, outliers=None, epoch_s=2.0, settings=None,
+              **fields):
+    """A finished run in train.py's layout; settings: config overrides, fields: metrics.json overrides."""
     out = os.path.join(root, f'{dataset}_{variant}', f'seed{seed}')
     os.makedirs(out)
     history = [dict(epoch=e, step=10 * e, lr=1e-3, train_loss=1 / e, train_acc=acc - 0.1 / e, val_loss=1 / e + seed * 0.01,
                     val_acc=acc - 0.05 / e, time_s=epoch_s * e) for e in range(1, epochs + 1)]
-    config = dict(epochs=epochs, seed=seed, out_dir=out, learning_rate=1e-3)
+    config = dict(epochs=epochs, seed=seed, out_dir=out, learning_rate=1e-3,
+                  attention='diff2' if variant == 'diff2' else 'diff' if variant.startswith('diff') else 'classic')
+    if variant.endswith('qk'):
+        config['qk_norm'] = True
+    config.update(settings or {})
     metrics = dict(run=f'{dataset}_{variant}', seed=seed, dataset=dataset, config=config, params=1000 + (variant == 'diff'),
                    history=history, test=dict(loss=1 - acc, acc=acc), best_val_loss=history[-1]['val_loss'],
                    train_time_s=8.0, images_per_s=500.0, device='cpu', torch='x', attn_focus=acc / 2)
+    metrics.update(fields)
     if outliers is not None:
         metrics['outliers'] = outliers
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
@@ -41,7 +48,8 @@ def results(tmp_path):
     return tmp_path
 
 
-def test_figures_and_table(results, capsys):
+def test_figures_and_table(results, capsys, monkeypatch):
+    monkeypatch.setattr(plot, 'OWN_RESULTS', str(results))  # the old project's table goes to the repository's results/
     plot.main(str(results))
     for dataset in ('mnist', 'fashionmnist'):
         for kind in ('val_loss', 'val_acc', 'attention'):
@@ -90,8 +98,11 @@ def test_seeds_whose_dtype_resolved_differently_are_never_mixed(tmp_path):
     assert proc.returncode != 0
     assert "precision ('float32' vs 'bfloat16')" in proc.stderr and 'seed2' in proc.stderr
     (tmp_path / 'mnist_vit' / 'seed2' / 'metrics.json').unlink()
-    plot.main(str(tmp_path))  # float32 beside an unrecorded one pools
-    assert '| 2 |' in (tmp_path / 'README.md').read_text()
+    proc = subprocess.run([sys.executable, 'plot.py', str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0  # float32 beside an unrecorded precision: unknown never pools with known
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'seed0' in lines[0] and 'seed1' in lines[0] and 'precision unknown' in lines[0]
+    assert not (tmp_path / 'README.md').exists()
 
 
 def test_a_subfolder_is_its_own_study_never_pooled(tmp_path):
@@ -111,7 +122,8 @@ def test_a_subfolder_is_its_own_study_never_pooled(tmp_path):
 def test_attention_figure_shares_its_colour_scales_and_names_seed_and_classes(results, monkeypatch):
     figures = []
     monkeypatch.setattr(plot.plt, 'close', figures.append)
-    plot.attention_figure('fashionmnist', plot.load_runs(str(results))['.', 'fashionmnist'], str(results / 'a.png'))
+    by_run = plot.load_runs(str(results))['.', 'fashionmnist']
+    plot.attention_figure('fashionmnist', by_run, plot.run_tags(by_run), str(results / 'a.png'))
     fig = figures[0]
     rows = {}
     for ax in fig.axes:
@@ -184,3 +196,173 @@ def test_missing_folder_is_named_in_the_error(tmp_path):
     proc = subprocess.run([sys.executable, 'plot.py', missing], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.strip().startswith(f"error: {missing} is not a folder"), proc.stderr
+
+
+def run_plot(folder):
+    return subprocess.run([sys.executable, 'plot.py', str(folder)], cwd=ROOT, capture_output=True, text=True)
+
+
+def captured_figures(monkeypatch):
+    figures = []
+    monkeypatch.setattr(plot.plt, 'close', figures.append)
+    return figures
+
+
+def test_a_copy_of_a_run_is_not_another_seed(tmp_path):
+    write_run(str(tmp_path), 'mnist', 'vit', 8, 0.97)
+    write_run(str(tmp_path), 'mnist', 'vit', 9, 0.98)
+    (tmp_path / 'check8').mkdir()  # the same run (name and seed) copied into another folder of the study
+    (tmp_path / 'check8' / 'metrics.json').write_text((tmp_path / 'mnist_vit' / 'seed8' / 'metrics.json').read_text())
+    proc = run_plot(tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: mnist_vit seed 8'), proc.stderr
+    assert str(tmp_path / 'check8') in lines[0] and str(tmp_path / 'mnist_vit' / 'seed8') in lines[0]
+    assert not (tmp_path / 'README.md').exists()
+
+
+def test_unknown_precision_never_pools_with_known(tmp_path):
+    write_run(str(tmp_path), 'mnist', 'vit', 0, 0.97)  # dtype 'auto', precision not recorded
+    write_run(str(tmp_path), 'mnist', 'vit', 1, 0.98, precision='bfloat16')
+    proc = run_plot(tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'bfloat16' in lines[0] and 'precision unknown' in lines[0], proc.stderr
+    assert str(tmp_path / 'mnist_vit' / 'seed0') in lines[0] and str(tmp_path / 'mnist_vit' / 'seed1') in lines[0]
+    write_run(str(tmp_path), 'mnist', 'diff', 0, 0.97, settings=dict(dtype='float32'))  # an explicit dtype is known
+    write_run(str(tmp_path), 'mnist', 'diff', 1, 0.97, precision='float32')
+    write_run(str(tmp_path), 'mnist', 'balanced', 0, 0.97)  # unknown beside unknown: both from before the record
+    write_run(str(tmp_path), 'mnist', 'balanced', 1, 0.97)
+    (tmp_path / 'mnist_vit' / 'seed0' / 'metrics.json').unlink()
+    by_run = plot.load_runs(str(tmp_path))['.', 'mnist']
+    assert [len(by_run[r]) for r in ('mnist_vit', 'mnist_diff', 'mnist_balanced')] == [1, 2, 2]
+
+
+def test_committed_results_record_their_precision_and_pool():
+    runs = plot.load_runs(os.path.join(ROOT, 'results'))
+    unknown = [m['path'] for by_run in runs.values() for ms in by_run.values() for m in ms if not plot.precision(m)]
+    assert unknown == []
+    assert {plot.precision(m) for m in runs['.', 'mnist']['mnist_diff']} == {'bfloat16'}
+    assert {plot.precision(m) for m in runs['.', 'cifar10']['cifar10_small_vit']} == {'float32'}
+    assert {plot.precision(m) for m in runs['gpu_NVIDIA_H200_20epochs', 'cifar10']['cifar10_diff']} == {'bfloat16'}
+
+
+def test_settings_compare_as_they_resolved(tmp_path):
+    # seed 0 'auto' everywhere on the CPU; seed 1 the values 'auto' resolves to there, and no qk_norm key
+    write_run(str(tmp_path), 'mnist', 'vit', 0, 0.97, settings=dict(device='auto', dtype='auto', compile='auto',
+                                                                     attn_impl='auto', qk_norm=False),
+              precision='bfloat16')
+    write_run(str(tmp_path), 'mnist', 'vit', 1, 0.98, settings=dict(device='cpu', dtype='bfloat16', compile=False,
+                                                                     attn_impl='explicit'), precision='bfloat16')
+    # on CUDA, 'auto' is the card, compile True and the fused attention
+    for seed, settings in enumerate([dict(device='auto', compile='auto', attn_impl='auto'),
+                                     dict(device='cuda:1', compile=True, attn_impl='fused')]):
+        write_run(str(tmp_path), 'mnist', 'diff', seed, 0.97, settings=settings, device='NVIDIA H200',
+                  precision='bfloat16')
+    runs = plot.load_runs(str(tmp_path))['.', 'mnist']
+    assert len(runs['mnist_vit']) == 2 and len(runs['mnist_diff']) == 2
+    write_run(str(tmp_path), 'mnist', 'diff', 2, 0.97, settings=dict(compile=False), device='NVIDIA H200',
+              precision='bfloat16')  # compile 'auto' resolved to True on the card: False differs
+    proc = run_plot(tmp_path)
+    assert proc.returncode != 0 and 'compile (True vs False)' in proc.stderr and 'seed2' in proc.stderr
+    (tmp_path / 'mnist_diff' / 'seed2' / 'metrics.json').unlink()
+    write_run(str(tmp_path), 'mnist', 'vit', 2, 0.97, settings=dict(device='auto'), device='NVIDIA H200',
+              precision='bfloat16')  # device 'auto' that became a GPU is not the CPU
+    proc = run_plot(tmp_path)
+    assert proc.returncode != 0 and "device ('cpu' vs 'cuda')" in proc.stderr and 'compile (False vs True)' in proc.stderr
+    (tmp_path / 'mnist_vit' / 'seed2' / 'metrics.json').unlink()
+    write_run(str(tmp_path), 'mnist', 'vit', 3, 0.97, settings=dict(qk_norm=True), precision='bfloat16')
+    proc = run_plot(tmp_path)
+    assert proc.returncode != 0 and 'qk_norm (False vs True)' in proc.stderr and 'seed3' in proc.stderr
+
+
+def test_holm_matches_reference_values():
+    # worked by hand: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
+    assert plot.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert plot.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_verdict_uses_the_holm_corrected_p(tmp_path):
+    for variant, accs in (('vit', (0.90, 0.91, 0.92)), ('diff', (0.93, 0.94, 0.95))):
+        for seed, acc in enumerate(accs):
+            write_run(str(tmp_path), 'mnist', variant, seed, acc, attention=False)
+    plot.main(str(tmp_path))
+    table = (tmp_path / 'README.md').read_text()
+    _, p = plot.welch([93.0, 94.0, 95.0], [90.0, 91.0, 92.0])
+    assert p < 0.05 < 4 * p  # significant alone, not among the family's 4 tests (test acc, test and val loss, focus)
+    assert 'Holm p: ' in table and 'over these 4 tests, the family of this study and dataset' in table
+    line = next(line for line in table.splitlines() if line.startswith('- mnist_diff vs mnist_vit, test acc'))
+    assert line.endswith(f"p = {p:.3f}, Holm p = {4 * p:.3f}: not significant"), line
+    assert 'Holm' in table.split('## mnist')[0]  # the introduction says what the family is
+
+
+def test_new_variants_order_colours_signed_maps_and_comparisons(tmp_path, monkeypatch):
+    variants = ['vitqk', 'diffqk', 'diff2', 'diff', 'balanced', 'vit']
+    for variant in variants:
+        for seed in range(2):
+            write_run(str(tmp_path), 'mnist', variant, seed, 0.95 + 0.01 * seed)
+    figures = captured_figures(monkeypatch)
+    plot.main(str(tmp_path))
+    table = (tmp_path / 'README.md').read_text()
+    rows = [line.split(' | ')[0] for line in table.splitlines() if line.startswith('| mnist_')]
+    order = ['vit', 'balanced', 'diff', 'diff2', 'diffqk', 'vitqk']
+    assert rows == [f'| mnist_{v}' for v in order]
+    pairs = {line.split(',')[0] for line in table.splitlines() if line.startswith('- ')}
+    assert pairs == {f'- mnist_{v} vs mnist_vit' for v in order[1:]} | {f'- mnist_{v} vs mnist_balanced'
+                                                                      for v in ('diff', 'diff2', 'diffqk')}
+    colours = [line.get_color() for line in figures[0].axes[0].get_lines()]
+    assert len(colours) == 6 and len(set(colours)) == 6
+    labels = [ax.get_ylabel() for ax in figures[2].axes if ax.get_ylabel()]
+    # signed where the config's attention is differential (diffqk: attention 'diff' with qk_norm), whatever the name
+    assert labels == ['vit\nseed 0', 'balanced\nseed 0', 'diff\nseed 0\n(signed)', 'diff2\nseed 0\n(signed)',
+                      'diffqk\nseed 0\n(signed)', 'vitqk\nseed 0']
+
+
+def test_precision_and_epochs_are_named_where_they_differ(tmp_path, monkeypatch):
+    outliers = {k: dict(top1=5.0, top10=4.0, median=0.5) for k in ('attn_logits', 'activations')}
+    for seed in range(2):
+        write_run(str(tmp_path), 'cifar10', 'vit', seed, 0.7, outliers=outliers, precision='float32')
+        write_run(str(tmp_path), 'cifar10', 'diff', seed, 0.6, epochs=3, outliers=outliers, precision='bfloat16')
+        write_run(str(tmp_path / 'same'), 'cifar10', 'vit', seed, 0.7, precision='float32')
+        write_run(str(tmp_path / 'same'), 'cifar10', 'diff', seed, 0.6, precision='float32')
+    figures = captured_figures(monkeypatch)
+    plot.main(str(tmp_path))
+    mixed, same = (tmp_path / 'README.md').read_text().split('## cifar10')[1:]
+    rows = [line.split(' | ')[0] for line in mixed.splitlines() if line.startswith('| cifar10_')]
+    assert rows == ['| cifar10_vit (float32, 4 ep)', '| cifar10_diff (bfloat16, 3 ep)'] * 2  # results and outliers
+    assert '- cifar10_diff (bfloat16, 3 ep) vs cifar10_vit (float32, 4 ep), test acc' in mixed
+    assert 'epochs\n' not in mixed.split('|')[0]  # no summary line under the heading
+    legend = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
+    assert legend == ['cifar10_vit (float32, 4 ep, 2 seeds)', 'cifar10_diff (bfloat16, 3 ep, 2 seeds)']
+    assert same.splitlines()[:3] == [' (same/)', '', 'float32, 4 epochs']
+    assert [line.split(' | ')[0] for line in same.splitlines() if line.startswith('| cifar10_')] == [
+        '| cifar10_vit', '| cifar10_diff']
+    legend = [text.get_text() for text in figures[3].axes[0].get_legend().get_texts()]  # 'same' study's val loss
+    assert legend == ['cifar10_vit (2 seeds)', 'cifar10_diff (2 seeds)']
+
+
+def test_old_table_only_in_the_repositorys_own_results(tmp_path, monkeypatch):
+    out = tmp_path / 'out'
+    for seed in range(2):
+        write_run(str(out), 'mnist', 'vit', seed, 0.97)
+    plot.main(str(out))  # a user's own out/: the old project's table is not theirs
+    assert '95.51' not in (out / 'README.md').read_text() and 'published table' not in (out / 'README.md').read_text()
+    monkeypatch.setattr(plot, 'OWN_RESULTS', str(out))
+    (tmp_path / 'link').symlink_to(out)
+    plot.main(str(tmp_path / 'link'))  # the same folder by another path
+    assert '95.51' in (out / 'README.md').read_text()
+
+
+def test_one_seed_figures_do_not_claim_a_spread(tmp_path, monkeypatch):
+    write_run(str(tmp_path), 'mnist', 'vit', 0, 0.97, attention=False)
+    write_run(str(tmp_path), 'mnist', 'diff', 0, 0.97, attention=False)
+    figures = captured_figures(monkeypatch)
+    plot.main(str(tmp_path))
+    titles = [fig.axes[0].get_title() for fig in figures]
+    assert titles == ['mnist: validation loss (one seed)', 'mnist: validation accuracy (one seed)']
+    write_run(str(tmp_path), 'mnist', 'vit', 1, 0.98, attention=False)  # mixed: the legend gives seeds per run
+    figures.clear()
+    plot.main(str(tmp_path))
+    assert figures[0].axes[0].get_title() == 'mnist: validation loss (mean ± 1 std over seeds)'
+    assert [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()] == ['mnist_vit (2 seeds)',
+                                                                                  'mnist_diff (1 seed)']
