@@ -14,11 +14,10 @@ import sys
 import time
 from contextlib import nullcontext
 
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # as in train.py: threads that spin collapse on a shared CPU
 import torch
 import torch.nn.functional as F
 
-from configurator import apply_config, peak_memory_mb, read_defaults, resolve_auto
+from configurator import apply_config, cpu_seconds, free_cores, peak_memory_mb, read_defaults, resolve_auto
 from data import DATASETS, augment_batch, batches, load_dataset, normalize
 from model import ViT, ViTConfig
 
@@ -27,7 +26,7 @@ _train_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.
 globals().update(read_defaults(_train_script))
 # -----------------------------------------------------------------------------
 # benchmark
-attentions = 'classic,diff'  # which attention kinds to time
+attentions = 'classic,diff,diff2'  # which attention kinds to time
 impls = 'fused,explicit'  # attention paths: scaled_dot_product_attention, matmul-softmax
 compiles = 'auto'  # 'auto': eager and compiled; or False / True
 warmup_steps = 10
@@ -37,6 +36,7 @@ pipeline_epochs = 1
 num_workers = 2  # DataLoader worker processes for the torchvision pipeline
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+cpu_reading = (time.time(), cpu_seconds())
 apply_config(globals(), help_scripts=[_train_script, __file__])
 if compiles not in (True, False, 'auto'):
     sys.exit(f"error: compiles={compiles!r}: must be True, False or 'auto'")
@@ -53,7 +53,7 @@ PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10
 def model_config(kind, impl=attn_impl):
     return ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
                      patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_dim=mlp_dim,
-                     dropout=dropout, attention=kind, attn_impl=impl)
+                     dropout=dropout, attention=kind, qk_norm=qk_norm, attn_impl=impl)
 
 
 def flops_per_image(config):
@@ -61,7 +61,9 @@ def flops_per_image(config):
     tokens = (config.image_size // config.patch_size) ** 2 + 1
     patch = 2 * (tokens - 1) * config.in_channels * config.patch_size ** 2 * config.n_embd
     per_layer = 2 * tokens * (4 * config.n_embd ** 2 + 2 * config.n_embd * config.mlp_dim)
-    per_layer += 2 * 2 * tokens ** 2 * config.n_embd * (1.5 if config.attention == 'diff' else 1)  # QKᵀ and AV
+    if config.attention == 'diff2':  # the second queries and the λ projection
+        per_layer += 2 * tokens * (config.n_embd ** 2 + config.n_embd * config.n_head)
+    per_layer += 2 * 2 * tokens ** 2 * config.n_embd * {'classic': 1, 'diff': 1.5, 'diff2': 2}[config.attention]  # QKᵀ, AV
     return 3 * (patch + config.n_layer * per_layer + 2 * config.n_embd * config.num_classes)
 
 
@@ -168,6 +170,11 @@ def bench_pipeline(kind):
     return results
 
 
+if device_type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ and cpu_reading[1] is not None:
+    # as train.py does: only the cores that other processes leave free (spinning threads collapse on shared cores)
+    time.sleep(max(0.0, 0.5 - (time.time() - cpu_reading[0])))
+    torch.set_num_threads(min(torch.get_num_threads(),
+                              free_cores(cpu_reading[1], cpu_seconds(), time.time() - cpu_reading[0])))
 compile_options = [False, True] if compiles == 'auto' else [compiles]
 print(f"{config_name}: {dataset}, batch {batch_size}, {device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
       f"{dtype}, torch {torch.__version__}")

@@ -4,11 +4,14 @@ Overrides a script's default globals, as nanoGPT does:
 Each positional argument is a config file: trusted Python that is exec'd and may set any of the globals.
 Each --key=value sets one global; the value is parsed as a Python literal (never executed) and must have
 the type of the default. Config files apply first, in their order, then the flags, wherever they stand.
-Unknown keys and wrong types are errors that name the key. A leading ~ in a *_dir value is expanded.
---help or -h prints every setting with its default and comment, grouped as in the script.
+Unknown keys and wrong types are errors that name the key (and the config file that sets it); `--key value`
+with a space, and true/false for a boolean, are errors that say what to write. A leading ~ in a *_dir value is
+expanded. --help or -h prints every setting with its value and comment, grouped as in the script: the default,
+or the value the config files and flags before or after it set, marked with where it comes from.
 """
 
 import ast
+import math
 import os
 import sys
 import types
@@ -19,6 +22,9 @@ class ConfigError(ValueError):
     pass
 
 
+BOOLEAN_WORDS = ('true', 'false', 'yes', 'no', 'on', 'off', 't', 'f', 'y', 'n', '1', '0')
+
+
 def check(key, value, defaults):
     if key not in defaults:
         raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(defaults))}")
@@ -27,14 +33,24 @@ def check(key, value, defaults):
     ok = (type(value) is type(default) or (default == 'auto' and isinstance(value, bool))
           or (type(default) is float and type(value) is int))
     if not ok:
+        hint = ''
+        if (type(default) is bool or default == 'auto') and str(value).lower() in BOOLEAN_WORDS:
+            hint = "; write True or False (Python literals)"
         raise ConfigError(f"config key {key!r} must be of type {type(default).__name__} (default {default!r}), "
-                          f"got {value!r} ({type(value).__name__})")
+                          f"got {value!r} ({type(value).__name__}){hint}")
     return float(value) if type(default) is float else value
 
 
-def configure(defaults, argv):
-    """Returns the overrides that the config files and --key=value arguments in argv make to defaults."""
-    overrides = {}
+def configure(defaults, argv, sources=None):
+    """Returns the overrides that the config files and --key=value arguments in argv make to defaults. A dict given
+    as sources receives, for each key that a config file assigns or a flag sets, the file's path or 'command line'."""
+    # before the config files run, or `--epochs 1` would fail as "config file '1' not found"
+    for arg, following in zip(argv, argv[1:] + [None]):
+        if arg.startswith('--') and '=' not in arg:
+            if following is not None and not following.startswith('--') and not os.path.isfile(following):
+                raise ConfigError(f"argument {arg!r} has no value: write {arg}={following} (with =, not a space)")
+            raise ConfigError(f"argument {arg!r} has no value: write {arg}=VALUE")
+    overrides, sources = {}, {} if sources is None else sources
     config_files_first = sorted(argv, key=lambda arg: arg.startswith('--'))  # a stable sort keeps each group's order
     for arg in config_files_first:
         if not arg.startswith('--'):
@@ -43,21 +59,28 @@ def configure(defaults, argv):
             before = {**defaults, **overrides}
             scope = dict(before)
             with open(arg) as f:
-                exec(f.read(), scope)
+                source = f.read()
+            exec(source, scope)
+            # --help marks every key the file assigns, also those it sets to the value they already have
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id in defaults:
+                    sources[node.id] = arg
             for key, value in scope.items():
                 if key.startswith('_') or isinstance(value, types.ModuleType):
                     continue
                 if key not in before or value != before[key]:
-                    overrides[key] = check(key, value, defaults)
+                    try:
+                        overrides[key] = check(key, value, defaults)
+                    except ConfigError as e:
+                        raise ConfigError(f"config file {arg!r}: {e}") from None
         else:
-            key, sep, text = arg[2:].partition('=')
-            if not sep:
-                raise ConfigError(f"argument {arg!r} must look like --key=value")
+            key, _, text = arg[2:].partition('=')
             try:
                 value = literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # a bare word such as --dataset=mnist is a string
             overrides[key] = check(key, value, defaults)
+            sources[key] = 'command line'
     for key, value in overrides.items():
         if key.endswith('_dir'):
             overrides[key] = os.path.expanduser(value)
@@ -86,15 +109,23 @@ def read_defaults(script):
     return {name: literal_eval(node.value) for _, name, node in config_block(script) if name}
 
 
-def help_text(scripts):
-    """Every setting of the scripts with its default and comment, under the scripts' own section comments."""
+def help_text(scripts, overrides=None, sources=None):
+    """Every setting of the scripts with its value and comment, under the scripts' own section comments: the value
+    in overrides, else the default; a key in sources is marked with where it is set (as configure() fills them)."""
+    overrides, sources = overrides or {}, sources or {}
     out = [f"usage: python {os.path.basename(scripts[-1])} [config/<file>.py ...] [--key=value ...]", "",
            "Config files apply first, then --key=value flags (Python literals of the default's type).", ""]
+    if sources:
+        out[-1:] = ["Values set by a config file or a flag are marked [where from]; the others are defaults.", ""]
     for script in scripts:
         for line, name, node in config_block(script):
             if name:
                 comment = line[node.end_col_offset:].strip().lstrip('#').strip()
                 value = line[node.value.col_offset:node.value.end_col_offset]
+                if name in overrides:
+                    value = repr(overrides[name])
+                if name in sources:
+                    comment = f"[{sources[name]}] {comment}"
                 out.append((f"  --{name}={value}".ljust(32) + f"  {comment}").rstrip())
             elif line.startswith('# ') and not line.startswith('# ---'):
                 out.append(line[2:] + ':')
@@ -118,6 +149,25 @@ def resolve_auto(device, dtype, compile):
     return device, device_type, dtype, use_compile
 
 
+def cpu_seconds():
+    """(CPU seconds used by every process on the machine, CPU seconds used by this one) from /proc/stat and
+    os.times(); None where there is no /proc/stat. Two readings a moment apart tell how busy the other processes are."""
+    try:
+        with open('/proc/stat') as f:
+            user, nice, system, idle, iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    return (user + nice + system + irq + softirq) / os.sysconf('SC_CLK_TCK'), own.user + own.system
+
+
+def free_cores(before, after, elapsed):
+    """The cores that other processes left free between two cpu_seconds() readings elapsed seconds apart (at least
+    one): a process that kept a quarter of a core busy or more holds that core."""
+    busy_elsewhere = (after[0] - before[0] - (after[1] - before[1])) / max(elapsed, 1e-9)
+    return max(1, len(os.sched_getaffinity(0)) - max(0, math.ceil(busy_elsewhere - 0.25)))
+
+
 def peak_memory_mb(device):
     """High-water mark of memory so far: allocated CUDA memory on a GPU, the process's resident set on the CPU."""
     import resource
@@ -129,16 +179,19 @@ def peak_memory_mb(device):
 
 def apply_config(scope, help_scripts=None, argv=None):
     """Applies configure() to a script's globals(); exits with one line on bad input. --help / -h prints the
-    settings of help_scripts (default: the script itself) and exits."""
+    settings of help_scripts (default: the script itself), as the other arguments set them, and exits."""
     argv = sys.argv[1:] if argv is None else argv
-    if '--help' in argv or '-h' in argv:
-        print(help_text(help_scripts or [scope['__file__']]))
-        sys.exit(0)
+    wants_help = '--help' in argv or '-h' in argv
+    argv = [arg for arg in argv if arg not in ('--help', '-h')]
     defaults = {k: v for k, v in scope.items()
                 if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+    sources = {}
     try:
-        overrides = configure(defaults, argv)
+        overrides = configure(defaults, argv, sources)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    if wants_help:
+        print(help_text(help_scripts or [scope['__file__']], overrides, sources))
+        sys.exit(0)
     scope.update(overrides)
     return overrides

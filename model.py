@@ -1,8 +1,11 @@
 """
-A compact Vision Transformer with two kinds of self-attention:
+A compact Vision Transformer with three kinds of self-attention:
 1) classic multi-head attention (Vaswani et al. 2017, Dosovitskiy et al. 2020)
 2) Differential Attention (Ye et al. 2024, "Differential Transformer", arXiv 2410.05258),
-   as defined by the paper and the authors' reference code (microsoft/unilm, Diff-Transformer).
+   as defined by the paper and the authors' reference code (microsoft/unilm, Diff-Transformer)
+3) Differential Attention V2 (Ye et al., "Differential Transformer V2", January 2026), as in the authors' code
+   (microsoft/unilm, Diff-Transformer/Diff-Transformer-V2/multihead_flashdiffv2.py)
+Each can normalise its queries and keys (qk_norm, Dehghani et al. 2023), which bounds the attention logits.
 """
 
 import math
@@ -24,12 +27,13 @@ class ViTConfig:
     n_embd: int = 64
     mlp_dim: int = 128
     dropout: float = 0.0
-    attention: str = 'diff'  # 'classic' or 'diff'
+    attention: str = 'diff'  # 'classic', 'diff' or 'diff2'
+    qk_norm: bool = False  # RMSNorm (learned gain) on every query and key head before the dot product
     attn_impl: str = 'auto'  # 'fused' (scaled_dot_product_attention), 'explicit', or 'auto': fused on CUDA only
 
     def __post_init__(self):
-        if self.attention not in ('classic', 'diff'):
-            raise ValueError(f"attention={self.attention!r}: must be 'classic' or 'diff'")
+        if self.attention not in ('classic', 'diff', 'diff2'):
+            raise ValueError(f"attention={self.attention!r}: must be 'classic', 'diff' or 'diff2'")
         if self.attn_impl not in ('auto', 'fused', 'explicit'):
             raise ValueError(f"attn_impl={self.attn_impl!r}: must be 'auto', 'fused' or 'explicit'")
         if self.image_size % self.patch_size:
@@ -54,6 +58,14 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, num_patches, n_embd)
 
 
+def qk_norms(config, head_dim):
+    """With qk_norm, an RMSNorm over each query head and one over each key head (gains of width d shared by the
+    heads): |logit| <= d / √d · the gains' scale, however large the weights grow. Without it, the identity."""
+    if not config.qk_norm:
+        return nn.Identity(), nn.Identity()
+    return nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
+
+
 def use_explicit(attn_impl, x, return_attn):
     # the fused kernels pay off on CUDA; on the CPU, at tens of tokens, the explicit matmul-softmax is faster in
     # bfloat16 (1.1-2.7x per training step in bench.py) and about even in float32
@@ -69,10 +81,12 @@ class Attention(nn.Module):
         self.attn_impl = config.attn_impl
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.q_norm, self.k_norm = qk_norms(config, config.n_embd // config.n_head)
 
     def split_heads(self, x):
         B, T, C = x.size()
-        return self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # q, k, v: (B, nh, T, d)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # each (B, nh, T, d)
+        return self.q_norm(q), self.k_norm(k), v
 
     def logits(self, x):
         """Q Kᵀ / √d, the attention logits before the softmax: (B, nh, T, T)."""
@@ -122,6 +136,7 @@ class DiffAttention(nn.Module):
         self.lambda_q2 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
         self.lambda_k2 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
         self.subln = nn.RMSNorm(2 * self.head_dim, eps=1e-5)  # head-wise: normalises each head on its own
+        self.q_norm, self.k_norm = qk_norms(config, self.head_dim)  # one norm for Q1 and Q2, one for K1 and K2
 
     def lambda_full(self):
         return (torch.exp(torch.dot(self.lambda_q1, self.lambda_k1))
@@ -132,8 +147,8 @@ class DiffAttention(nn.Module):
         B, T, C = x.size()
         h, d = self.n_head, self.head_dim
         q, k, v = self.qkv(x).split(C, dim=2)
-        q1, q2 = q.view(B, T, h, 2, d).permute(3, 0, 2, 1, 4)  # each (B, h, T, d)
-        k1, k2 = k.view(B, T, h, 2, d).permute(3, 0, 2, 1, 4)
+        q1, q2 = self.q_norm(q.view(B, T, h, 2, d)).permute(3, 0, 2, 1, 4)  # each (B, h, T, d)
+        k1, k2 = self.k_norm(k.view(B, T, h, 2, d)).permute(3, 0, 2, 1, 4)
         v = v.view(B, T, h, 2 * d).transpose(1, 2)  # (B, h, T, 2d)
         return q1, q2, k1, k2, v
 
@@ -163,6 +178,60 @@ class DiffAttention(nn.Module):
         return self.proj(y), att
 
 
+class DiffAttentionV2(nn.Module):
+    """
+    Differential attention V2. n_head heads of width d = n_embd // n_head; each has two queries that share one key
+    and one value (query heads 2i and 2i+1 of 2·n_head, grouped-query style), and a λ of its own for every token:
+        [Q1; Q2] = X Wq,  K = X Wk,  V = X Wv,  λ_t = sigmoid(x_t Wλ)   (Wλ: n_embd -> n_head, no bias)
+        head = softmax(Q1 Kᵀ / √d) V − λ ⊙ softmax(Q2 Kᵀ / √d) V
+    No per-head norm, no λ_init, no (1 − λ_init) factor; the heads concatenate to n_embd for the output projection.
+    Wq is twice the classic layer's and Wλ is new: n_embd · (n_embd + n_head) + n_embd more parameters per layer.
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.attn_impl = config.attn_impl
+        self.q = nn.Linear(config.n_embd, 2 * config.n_embd)
+        self.kv = nn.Linear(config.n_embd, 2 * config.n_embd)
+        self.lambda_proj = nn.Linear(config.n_embd, config.n_head, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.q_norm, self.k_norm = qk_norms(config, self.head_dim)
+
+    def lambda_full(self, x):
+        """λ per token and head, (B, h, T, 1), in float32."""
+        return torch.sigmoid(self.lambda_proj(x).float()).transpose(1, 2).unsqueeze(-1)
+
+    def split_heads(self, x):
+        B, T, C = x.size()
+        h, d = self.n_head, self.head_dim
+        q1, q2 = self.q_norm(self.q(x).view(B, T, h, 2, d)).permute(3, 0, 2, 1, 4)  # each (B, h, T, d)
+        k, v = self.kv(x).view(B, T, 2, h, d).permute(2, 0, 3, 1, 4)
+        return q1, q2, self.k_norm(k), v
+
+    def logits(self, x):
+        """Q1 Kᵀ / √d and Q2 Kᵀ / √d, the logits of both softmaxes: (B, 2h, T, T), every first map, then every second."""
+        q1, q2, k, _ = self.split_heads(x)
+        return torch.cat([q1 @ k.transpose(-2, -1), q2 @ k.transpose(-2, -1)], dim=1) / math.sqrt(self.head_dim)
+
+    def forward(self, x, return_attn=False):
+        B, T, C = x.size()
+        d = self.head_dim
+        q1, q2, k, v = self.split_heads(x)
+        lam = self.lambda_full(x)
+        if use_explicit(self.attn_impl, x, return_attn):
+            att1 = torch.softmax(q1 @ k.transpose(-2, -1) / math.sqrt(d), dim=-1, dtype=torch.float32)
+            att2 = torch.softmax(q2 @ k.transpose(-2, -1) / math.sqrt(d), dim=-1, dtype=torch.float32)
+            att = att1 - lam * att2  # each row sums to 1 − λ_t
+            y = att @ v
+        else:
+            att = None
+            y = F.scaled_dot_product_attention(q1, k, v) - lam * F.scaled_dot_product_attention(q2, k, v)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y), att
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -181,7 +250,7 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = (DiffAttention if config.attention == 'diff' else Attention)(config, layer_idx)
+        self.attn = {'classic': Attention, 'diff': DiffAttention, 'diff2': DiffAttentionV2}[config.attention](config, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
@@ -213,7 +282,8 @@ class ViT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:  # diff2's λ projection has none
+                nn.init.zeros_(module.bias)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

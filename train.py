@@ -20,16 +20,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
-# OpenMP threads that wait by spinning collapse when another process shares the cores (two 1-epoch MNIST runs
-# at once on 2 cores: 200 s each, against 57 s alone; passive: 80 s each). Set before torch loads OpenMP.
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import apply_config, peak_memory_mb, resolve_auto
+from configurator import apply_config, cpu_seconds, free_cores, peak_memory_mb, resolve_auto
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, foreground_patches, load_dataset, normalize
 from model import ViT, ViTConfig, attention_focus
 
@@ -53,7 +50,8 @@ n_head = 2
 n_embd = 64
 mlp_dim = 128
 dropout = 0.0
-attention = 'diff'  # 'classic' or 'diff'
+attention = 'diff'  # 'classic', 'diff' (DIFF Transformer) or 'diff2' (DIFF Transformer V2)
+qk_norm = False  # RMSNorm on every query and key head before the dot product (bounds the attention logits)
 attn_impl = 'auto'  # 'fused' (scaled_dot_product_attention), 'explicit' (matmul-softmax), 'auto': fused on CUDA only
 # optimizer: AdamW, linear warmup then cosine decay to min_lr, per step
 epochs = 10
@@ -73,6 +71,7 @@ dtype = 'auto'  # 'auto': bfloat16 where the hardware has it (CUDA, CPUs with AV
 compile = 'auto'  # True, False, or 'auto': on for CUDA; off on CPU, where 13-27 s of compiling outweigh the gain
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+cpu_reading = (time.time(), cpu_seconds())  # how busy the other processes are, measured until training starts
 apply_config(globals())
 config_files = [a for a in sys.argv[1:] if not a.startswith('--')]
 run_name = run_name or (os.path.splitext(os.path.basename(config_files[-1]))[0] if config_files
@@ -116,7 +115,7 @@ spec = DATASETS[dataset]
 try:
     model_args = ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
                            patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_dim=mlp_dim,
-                           dropout=dropout, attention=attention, attn_impl=attn_impl)
+                           dropout=dropout, attention=attention, qk_norm=qk_norm, attn_impl=attn_impl)
 except ValueError as e:
     fail(e)
 config = {k: globals()[k] for k in config_keys}
@@ -259,6 +258,27 @@ if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 log(f"{run_name} seed {seed}: {attention} ViT, {raw_model.num_params():,} parameters | device {device} "
     f"({world_size} rank{'s' * (world_size > 1)}), dtype {dtype}, compile {use_compile} | out_dir {out_dir}")
+# CPU threads: OpenMP threads that wait by spinning are fastest alone (2 cores: 40% more img/s than passive waiting)
+# but collapse when another process shares the cores (two at once: 4.5x the lone time each). So a CPU run takes the
+# cores that other processes leave free, and looks again every 10 s: two runs on 2 cores settle at one thread each
+# (results/NOTES.md, "Threads"). OMP_NUM_THREADS in the environment fixes the count instead.
+adapt_threads = device_type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ and cpu_reading[1] is not None
+max_threads = torch.get_num_threads()
+
+
+def fit_threads_to_load():
+    global cpu_reading
+    now = (time.time(), cpu_seconds())
+    threads = min(max_threads, free_cores(cpu_reading[1], now[1], now[0] - cpu_reading[0]))
+    cpu_reading = now
+    if threads != torch.get_num_threads():
+        log(f"other processes leave {threads} of {max_threads} cores free: training with {threads} "
+            f"thread{'s' * (threads > 1)}")
+        torch.set_num_threads(threads)
+
+
+if adapt_threads:
+    fit_threads_to_load()
 log(f"{epochs} epochs of {steps_per_epoch} steps, batch {batch_size}, warmup {warmup_steps} steps "
     f"({warmup_steps / steps_per_epoch:.2g} epochs), lr {learning_rate:g} -> {min_lr:g}")
 
@@ -394,6 +414,8 @@ while state['epoch'] < epochs:
     model.train()
     t_epoch, t_log, images_since_log, first_batch = time.time(), time.time(), 0, state['batch']
     for i in range(first_batch, steps_per_epoch):
+        if adapt_threads and time.time() - cpu_reading[0] >= 10:
+            fit_threads_to_load()
         idx = order[i]
         step = state['step']
         lr = get_lr(step)

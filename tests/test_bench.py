@@ -18,9 +18,10 @@ def test_bench_reports_every_setting_and_both_pipelines(data_dir):
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
     steps = [r for r in lines if 'impl' in r]
-    assert {(r['attention'], r['impl']) for r in steps} == {(a, i) for a in ('classic', 'diff') for i in ('fused', 'explicit')}
+    assert {(r['attention'], r['impl']) for r in steps} == {(a, i) for a in ('classic', 'diff', 'diff2') for i in ('fused', 'explicit')}
     assert all(STEP_KEYS <= set(r) and r['img_per_s'] > 0 and r['peak_mem_mb'] > 0 and r['batch_size'] == 32 for r in steps)
     pipelines = [r for r in lines if 'pipeline' in r]
-    assert sorted(r['pipeline'] for r in pipelines) == ['dataloader', 'dataloader', 'resident', 'resident']
+    assert sorted((r['attention'], r['pipeline']) for r in pipelines) == [(a, p) for a in ('classic', 'diff', 'diff2')
+                                                                          for p in ('dataloader', 'resident')]
     assert all(r['epoch_s'] > 0 and r['img_per_s'] > 0 for r in pipelines)
     assert 'FLOPs per training image' in proc.stdout

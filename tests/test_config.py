@@ -1,9 +1,11 @@
+import ast
 import os
+import re
 
 import pytest
 
 from conftest import ROOT, run_train, train_defaults
-from configurator import ConfigError, configure
+from configurator import ConfigError, apply_config, configure
 
 DEFAULTS = train_defaults()
 
@@ -89,7 +91,7 @@ def test_every_config_file_is_valid_and_variants_share_the_recipe():
     (['--n_head=3', '--n_embd=48'], 'n_head=3 is odd'),
     (['--patch_size=5'], 'image_size=28 is not divisible by patch_size=5'),
     (['--dataset=svhn'], "unknown dataset 'svhn'; known: mnist, fashionmnist, cifar10"),
-    (['--attention=linear'], "attention='linear': must be 'classic' or 'diff'"),
+    (['--attention=linear'], "attention='linear': must be 'classic', 'diff' or 'diff2'"),
     (['--augment=mixup'], "augment='mixup': must be one of none, flip, crop, cropflip, randaugment"),
     (['--device=tpu'], "device='tpu': must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (['--dtype=float8'], "dtype='float8': must be"),
@@ -108,3 +110,78 @@ def test_bad_input_is_one_clear_error(args, message, tmp_path):
 def test_train_defaults_are_the_mnist_diff_config():
     """train.py with no config file trains config/mnist_diff.py, as its header says."""
     assert configure(DEFAULTS, [os.path.join(ROOT, 'config', 'mnist_diff.py')]) == {}  # it changes nothing
+
+
+def help_output(argv, capsys):
+    scope = {'__file__': os.path.join(ROOT, 'train.py'), **DEFAULTS}
+    with pytest.raises(SystemExit) as stop:
+        apply_config(scope, argv=argv)
+    assert stop.value.code == 0
+    return {line.split('=')[0].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith('  --')}
+
+
+def test_help_after_config_files_shows_their_values(capsys):
+    small, diff = (os.path.join(ROOT, 'config', f'{name}.py') for name in ('cifar10_small_vit', 'mnist_diff'))
+    lines = help_output([small, '--help', '--epochs=2'], capsys)
+    assert lines['--learning_rate'].startswith('  --learning_rate=0.002 ') and f'[{small}]' in lines['--learning_rate']
+    assert lines['--epochs'].startswith('  --epochs=2 ') and '[command line]' in lines['--epochs']
+    assert lines['--seed'].split() == ['--seed=0']  # a default, unmarked
+    assert f'[{small}]' in lines['--label_smoothing']  # set by the file, to the value it already had
+    # config/mnist_diff.py sets the defaults' values: still marked as its own
+    assert f'[{diff}]' in help_output(['-h', diff], capsys)['--n_head']
+    plain = help_output(['--help'], capsys)  # no config file: the defaults as the script writes them
+    assert plain['--learning_rate'].split() == ['--learning_rate=1e-3'] and '[' not in plain['--epochs']
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--epochs', '1'], "write --epochs=1 "),
+    (['config/mnist_vit.py', '--seed', '3', '--epochs=2'], "write --seed=3 "),
+    (['--epochs'], "write --epochs=VALUE"),
+    (['--epochs', '--seed=1'], "write --epochs=VALUE"),
+])
+def test_key_without_equals_says_what_to_write(argv, message):
+    argv = [os.path.join(ROOT, arg) if arg.startswith('config/') else arg for arg in argv]
+    with pytest.raises(ConfigError) as error:
+        configure(DEFAULTS, argv)
+    assert message in str(error.value) and 'not found' not in str(error.value)
+
+
+@pytest.mark.parametrize('arg', ['--eval_only=true', '--eval_only=false', '--overwrite=TRUE', '--overwrite=yes',
+                                 '--overwrite=1', '--eval_only=0', '--compile=1'])
+def test_boolean_words_suggest_python_literals(arg):
+    with pytest.raises(ConfigError, match=r"must be of type .*; write True or False \(Python literals\)"):
+        configure(DEFAULTS, [arg])
+
+
+@pytest.mark.parametrize('arg', ['--epochs=ten', '--learning_rate=True', '--run_name=1', '--epochs=1.0'])
+def test_no_boolean_hint_for_other_keys(arg):
+    with pytest.raises(ConfigError) as error:
+        configure(DEFAULTS, [arg])
+    assert 'True or False' not in str(error.value)
+
+
+@pytest.mark.parametrize('text,key', [("learnig_rate = 1e-3\n", 'learnig_rate'), ("epochs = 2.5\n", 'epochs'),
+                                      ("eval_only = 'true'\n", 'eval_only')])
+def test_config_file_errors_name_the_file_and_key(tmp_path, text, key):
+    path = tmp_path / 'c.py'
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        configure(DEFAULTS, [os.path.join(ROOT, 'config', 'mnist_vit.py'), str(path), '--epochs=1'])
+    assert f"config file {str(path)!r}" in str(error.value) and f"{key!r}" in str(error.value)
+    assert 'mnist_vit' not in str(error.value)
+
+
+def test_tests_start_python_as_sys_executable():
+    """A bare python in a test (a command's first word, or PYTHON= for gpu.sh) finds whatever Python is on PATH, not
+    the one that runs pytest (venv/bin/python -m pytest tests, venv not activated): subprocesses use sys.executable."""
+    def bare_python(node):
+        return isinstance(node, ast.Constant) and re.match(r'python[\d.]*( |$)', str(node.value))
+    tests = os.path.join(ROOT, 'tests')
+    for name in sorted(os.listdir(tests)):
+        if name.endswith('.py'):
+            with open(os.path.join(tests, name)) as f:
+                tree = ast.parse(f.read())
+            bare = [node.lineno for node in ast.walk(tree)
+                    if isinstance(node, ast.keyword) and node.arg == 'PYTHON' and bare_python(node.value)
+                    or isinstance(node, (ast.List, ast.Tuple)) and node.elts and bare_python(node.elts[0])]
+            assert not bare, f"tests/{name}, lines {bare}: use sys.executable"

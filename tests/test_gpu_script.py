@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 import tarfile
 
 from conftest import ROOT
@@ -11,7 +12,7 @@ from conftest import ROOT
 def test_gpu_script_dry_run(data_dir, tmp_path):
     (tmp_path / 'out').mkdir()
     env = dict(os.environ, DRY_RUN='1', DATA_DIR=data_dir, RESULTS_DIR=str(tmp_path / 'results'), OUT=str(tmp_path / 'out'),
-               OMP_NUM_THREADS='1', PYTHON='python')
+               OMP_NUM_THREADS='1', PYTHON=sys.executable)
     proc = subprocess.run(['bash', 'gpu.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (out,) = (tmp_path / 'results').glob('gpu_dry_run_*')  # a new folder per session, named by its date and time
@@ -19,7 +20,7 @@ def test_gpu_script_dry_run(data_dir, tmp_path):
         assert step in (out / 'log.txt').read_text()
     for config in ('mnist_vit', 'cifar10_vit', 'cifar10_small_vit'):
         rows = [json.loads(line) for line in (out / f'bench_{config}.txt').read_text().splitlines() if line.startswith('{')]
-        assert {(r['attention'], r['impl']) for r in rows} == {(a, i) for a in ('classic', 'diff') for i in ('fused', 'explicit')}
+        assert {(r['attention'], r['impl']) for r in rows} == {(a, i) for a in ('classic', 'diff', 'diff2') for i in ('fused', 'explicit')}
     rows = [json.loads(line) for line in (out / 'bench_pipeline.txt').read_text().splitlines() if line.startswith('{')]
     assert [r['pipeline'] for r in rows if 'pipeline' in r] == ['resident', 'dataloader']
     assert json.loads((out / 'mnist_wall.json').read_text())['wall_s'] > 0

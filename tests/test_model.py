@@ -16,16 +16,17 @@ def model_config_of(config_path):
     c = {**train_defaults(), **configure(train_defaults(), [config_path])}
     spec = DATASETS[c['dataset']]
     return ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
-                     **{k: c[k] for k in ('patch_size', 'n_layer', 'n_head', 'n_embd', 'mlp_dim', 'dropout', 'attention')})
+                     **{k: c[k] for k in ('patch_size', 'n_layer', 'n_head', 'n_embd', 'mlp_dim', 'dropout', 'attention',
+                                          'qk_norm')})
 
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
 
 
-def test_there_are_twelve_configs():
+def test_the_configs_are_every_dataset_and_variant():
     names = {os.path.basename(p) for p in CONFIGS}
     assert names == {f'{d}_{v}.py' for d in ('mnist', 'fashionmnist', 'cifar10', 'cifar10_small')
-                     for v in ('vit', 'balanced', 'diff')}
+                     for v in ('vit', 'balanced', 'diff', 'diff2')} | {'cifar10_small_diffqk.py', 'cifar10_small_vitqk.py'}
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
@@ -56,9 +57,10 @@ def randomise_lambdas(model):
                 p.normal_(0, 0.5)
 
 
-@pytest.mark.parametrize('attention', ['classic', 'diff'])
-def test_fused_path_equals_explicit_path(attention):
-    model = small(attention, attn_impl='fused')
+@pytest.mark.parametrize('attention,qk_norm', [('classic', False), ('diff', False), ('diff2', False),
+                                               ('classic', True), ('diff', True), ('diff2', True)])
+def test_fused_path_equals_explicit_path(attention, qk_norm):
+    model = small(attention, attn_impl='fused', qk_norm=qk_norm)
     randomise_lambdas(model)
     x = torch.randn(4, 3, 16, 16)
     fused = model(x)
@@ -78,8 +80,8 @@ def test_attn_impl_picks_the_path(monkeypatch):
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *args: calls.append(1) or sdpa(*args))
     x = torch.randn(2, 3, 16, 16)
-    for attention in ('classic', 'diff'):
-        per_layer = 2 if attention == 'diff' else 1
+    for attention in ('classic', 'diff', 'diff2'):
+        per_layer = 1 if attention == 'classic' else 2
         for impl, expected in (('fused', 3 * per_layer), ('explicit', 0), ('auto', 0)):  # 'auto' on the CPU: explicit
             calls.clear()
             small(attention, attn_impl=impl)(x)
@@ -157,7 +159,7 @@ def test_diff_map_rows_sum_to_one_minus_lambda():
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 4, 17))
 
 
-@pytest.mark.parametrize('attention', ['classic', 'diff'])
+@pytest.mark.parametrize('attention', ['classic', 'diff', 'diff2'])
 def test_activations_are_the_logits_the_softmaxes_take_and_the_block_outputs(attention):
     """ViT.activations (the outlier measure) sees the same logits and residual stream as the forward pass."""
     model = small(attention).eval()
@@ -166,13 +168,15 @@ def test_activations_are_the_logits_the_softmaxes_take_and_the_block_outputs(att
     _, maps = model(x, return_attn=True)
     hidden = model.embed(x)
     for block, m, (logits, out) in zip(model.blocks, maps, model.activations(x)):
+        hidden_in = hidden
         hidden, _ = block(hidden)
         torch.testing.assert_close(out, hidden)
         p = torch.softmax(logits, dim=-1)
-        if attention == 'diff':  # (B, 2h, T, T): every first softmax, then every second
+        if attention != 'classic':  # (B, 2h, T, T): every first softmax, then every second
             h = block.attn.n_head
             assert logits.shape == (2, 2 * h, 17, 17)
-            p = p[:, :h] - block.attn.lambda_full() * p[:, h:]
+            lam = block.attn.lambda_full() if attention == 'diff' else block.attn.lambda_full(block.ln_1(hidden_in))
+            p = p[:, :h] - lam * p[:, h:]
         torch.testing.assert_close(p, m, atol=1e-6, rtol=1e-5)
 
 
@@ -208,7 +212,7 @@ def test_lite_parameter_counts():
     (dict(attention='diff', n_head=3, n_embd=33), 'odd'),
     (dict(n_embd=30), 'not divisible by n_head'),
     (dict(image_size=18), 'not divisible by patch_size'),
-    (dict(attention='linear'), "'classic' or 'diff'"),
+    (dict(attention='linear'), "'classic', 'diff' or 'diff2'"),
     (dict(dropout=1.0), 'dropout'),
 ])
 def test_bad_model_config_is_a_clear_error(kwargs, message):
@@ -225,3 +229,81 @@ def test_attention_focus_known_answer():
     # averaged over heads: head 0 all on background, head 1 all on foreground -> one half
     two_heads = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
     torch.testing.assert_close(attention_focus(two_heads, torch.tensor([[True, False]])), torch.tensor([0.5]))
+
+
+def reference_diff_v2_attention(x, attn):
+    """Differential attention V2 transcribed from the authors' code (microsoft/unilm, Diff-Transformer-V2,
+    multihead_flashdiffv2.py) without rotary embeddings, not causal, SDPA with grouped-query heads for flash_attn:
+    2h query heads of width d on h key/value heads; query heads 2i and 2i+1 share key/value head i."""
+    B, T, C = x.shape
+    h, d = attn.n_head, attn.head_dim
+    q = attn.q(x).view(B, T, 2 * h, d)
+    k, v = attn.kv(x).split(C, dim=2)
+    k, v = k.view(B, T, h, d), v.view(B, T, h, d)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(2, dim=1),
+                                         v.transpose(1, 2).repeat_interleave(2, dim=1)).transpose(1, 2)
+    lambda_val = attn.lambda_proj(x)
+    attn1, attn2 = out[:, :, 0::2], out[:, :, 1::2]
+    out = attn1 - torch.sigmoid(lambda_val).unsqueeze(-1) * attn2
+    return attn.proj(out.reshape(B, T, h * d))
+
+
+def test_diff_v2_attention_equals_authors_reference():
+    attn = small('diff2', attn_impl='fused').blocks[1].attn
+    with torch.no_grad():
+        attn.lambda_proj.weight.normal_(0, 0.5)  # λ far from 0.5 and different for every token
+    x = torch.randn(3, 17, 32)
+    expected = reference_diff_v2_attention(x, attn)
+    for return_attn in (False, True):
+        out, _ = attn(x, return_attn)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_diff_v2_map_rows_sum_to_one_minus_a_lambda_per_token():
+    model = small('diff2').eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.lambda_proj.weight.normal_(0, 0.5)
+    x = torch.randn(2, 3, 16, 16)
+    _, maps = model(x, return_attn=True)
+    hidden = model.embed(x)
+    for block, m in zip(model.blocks, maps):
+        lam = block.attn.lambda_full(block.ln_1(hidden)).squeeze(-1)  # (B, h, T)
+        assert m.shape == (2, 4, 17, 17) and lam.shape == (2, 4, 17)
+        assert lam.std() > 0.05  # λ varies by token (and head)
+        torch.testing.assert_close(m.sum(-1), 1 - lam, atol=1e-5, rtol=1e-5)
+        hidden, _ = block(hidden)
+
+
+def test_diff_v2_parameters_are_reported_not_hidden():
+    classic, v2 = small('classic'), small('diff2')
+    C, h, L = 32, 4, 3
+    # per layer: the second queries (C x C and a bias of C) and the λ projection (C x h, no bias)
+    assert v2.num_params() - classic.num_params() == L * (C * C + C + C * h)
+    assert small('diff2', image_size=28, in_channels=1, num_classes=10, n_layer=2, n_head=2, n_embd=64,
+                 mlp_dim=128).num_params() == 80_650
+
+
+@pytest.mark.parametrize('attention', ['classic', 'diff', 'diff2'])
+def test_qk_norm_normalises_every_query_and_key_head(attention):
+    """With qk_norm every query and key head (diff: Q1, Q2, K1, K2) has RMS 1 times the learned gain before the dot
+    product, so scaling the projection weights cannot grow the logits; without it they grow with the weights."""
+    x = torch.randn(2, 17, 32)
+    for qk_norm in (False, True):
+        attn = small(attention, qk_norm=qk_norm).blocks[0].attn
+        logits = attn.logits(x)
+        with torch.no_grad():
+            for name, p in attn.named_parameters():
+                if name.split('.')[0] in ('qkv', 'q', 'kv'):
+                    p.mul_(10)
+        grown = attn.logits(x)
+        if qk_norm:
+            torch.testing.assert_close(grown, logits, atol=1e-4, rtol=1e-3)
+            q = attn.split_heads(x)[0]
+            torch.testing.assert_close(q.pow(2).mean(-1), torch.ones_like(q[..., 0]), atol=1e-3, rtol=1e-3)
+            with torch.no_grad():
+                attn.q_norm.weight.fill_(2.0)
+            torch.testing.assert_close(attn.logits(x), 2 * grown, atol=1e-4, rtol=1e-3)  # the gain is learned
+        else:
+            torch.testing.assert_close(grown, 100 * logits, atol=1e-3, rtol=1e-3)
+    assert sum(p.numel() for n, p in attn.named_parameters() if 'norm' in n and 'subln' not in n) == 2 * 8

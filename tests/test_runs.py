@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from configurator import free_cores
 from conftest import ROOT, TINY, run_train
 from test_reliability import args_for, one_line_error
 
@@ -145,20 +146,30 @@ def test_plot_help():
     assert proc.returncode == 0 and proc.stdout.startswith('usage: python plot.py')
 
 
-def test_threads_wait_passively_unless_told_otherwise():
-    """train.py and bench.py set OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (spinning threads collapse on a
-    shared CPU), and keep a value the user set."""
-    for script in ('train.py', 'bench.py'):
-        with open(os.path.join(ROOT, script)) as f:
-            source = f.read()
-        assert source.index("os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')") < source.index('import torch')
-    probe = ("import os, runpy, sys\nsys.argv = ['train.py', '--help']\ntry:\n    runpy.run_path('train.py')\n"
-             "except SystemExit:\n    pass\nprint(os.environ['OMP_WAIT_POLICY'])")
-    env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
-    for preset, expected in ((None, 'PASSIVE'), ('ACTIVE', 'ACTIVE')):
-        proc = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, capture_output=True, text=True,
-                              env=env if preset is None else dict(env, OMP_WAIT_POLICY=preset))
-        assert proc.stdout.strip().splitlines()[-1] == expected, proc.stderr
+def test_free_cores_are_those_other_processes_leave(monkeypatch):
+    """A run takes the cores other processes leave free: spinning OpenMP threads collapse on shared cores."""
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
+    # (machine CPU seconds, this process's CPU seconds) 10 s apart: this process used 20 of the machine's N s
+    for others, expected in ((0.0, 2), (1.0, 1), (2.0, 1), (0.1, 2), (0.3, 1), (3.5, 1)):
+        assert free_cores((100.0, 50.0), (100.0 + 20 + 10 * others, 70.0), 10.0) == expected, others
+
+
+def test_a_cpu_run_gives_way_to_a_busy_core(data_dir, tmp_path):
+    """With another process spinning on one of 2 cores, train.py trains with one thread and says so; with
+    OMP_NUM_THREADS set it keeps that count and says nothing."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip('needs 2 cores')
+    spinner = subprocess.Popen([sys.executable, '-c', 'import time\nend = time.time() + 60\nwhile time.time() < end: pass'])
+    try:
+        env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
+        args = [sys.executable, 'train.py', f'--data_dir={data_dir}', *TINY, '--epochs=1']
+        for extra_env, expected in (({}, True), ({'OMP_NUM_THREADS': '2'}, False)):
+            proc = subprocess.run(args + [f'--out_dir={tmp_path / str(len(extra_env))}'], cwd=ROOT, capture_output=True,
+                                  text=True, env={**env, **extra_env}, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            assert ('training with 1 thread\n' in proc.stdout) == expected, proc.stdout
+    finally:
+        spinner.kill()
 
 
 def test_bare_make_prints_help_and_studies_write_to_results():

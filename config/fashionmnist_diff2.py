@@ -1,0 +1,22 @@
+# fashionmnist: lite ViT, Differential Transformer V2: 2 heads, each with two queries on one key and value
+dataset = 'fashionmnist'
+attention = 'diff2'
+
+# the old project's lite model, unchanged, so its table stays comparable
+patch_size = 4
+n_embd = 64
+mlp_dim = 128
+n_layer = 2
+n_head = 2
+dropout = 0.0
+
+# recipe chosen on the validation split, the same for the three fashionmnist variants
+epochs = 30
+batch_size = 64
+learning_rate = 3e-3
+min_lr = 1e-5
+warmup_epochs = 1.0
+weight_decay = 0.1
+label_smoothing = 0.1
+grad_clip = 1.0
+augment = 'none'
