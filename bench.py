@@ -14,6 +14,9 @@ import sys
 import time
 from contextlib import nullcontext
 
+# as in train.py: idle OpenMP threads spin 3,000,000 times before they sleep (set before torch loads OpenMP)
+if 'OMP_WAIT_POLICY' not in os.environ:  # a policy the user set wins
+    os.environ.setdefault('GOMP_SPINCOUNT', '3000000')
 import torch
 import torch.nn.functional as F
 
