@@ -37,6 +37,7 @@ timed_steps = 30
 pipeline = False  # also time whole epochs: resident pipeline vs torchvision DataLoader
 pipeline_epochs = 1
 num_workers = 2  # DataLoader worker processes for the torchvision pipeline
+profile = False  # also print torch.profiler's table of timed_steps whole training steps on real data, per attention
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 cpu_reading = (time.time(), cpu_seconds())
@@ -121,6 +122,30 @@ def bench_step(kind, impl, compiled):
     return result
 
 
+def profile_steps(kind):
+    """torch.profiler's table, by self time, of whole training steps as train.py takes them on real data (batch
+    indexing, augmentation, forward, backward, clipping, AdamW), with the first of impls and the last of compiles."""
+    from torch.profiler import ProfilerActivity
+    x_dev, y_dev = load_dataset(dataset, data_dir, device)['train']
+    order = batches(len(x_dev), batch_size, device, torch.Generator().manual_seed(0), drop_last=True)
+    torch.manual_seed(0)
+    model = ViT(model_config(kind, impls.split(',')[0])).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=True)
+    step = make_step(torch.compile(model) if compile_options[-1] else model, optimizer)
+    for i in range(warmup_steps + timed_steps):
+        if i == warmup_steps:
+            sync()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+            profiler = torch.profiler.profile(activities=activities)
+            profiler.start()
+        idx = order[i % len(order)]
+        step(normalize(augment_batch(x_dev[idx].float() / 255, augment), dataset), y_dev[idx])
+    sync()
+    profiler.stop()
+    return profiler.key_averages().table(sort_by=f"self_{'cuda' if device_type == 'cuda' else 'cpu'}_time_total",
+                                         row_limit=25)
+
+
 def bench_pipeline(kind):
     """Seconds per epoch of real training data: the resident pipeline, then torchvision's, same model."""
     import torchvision.transforms.v2 as T
@@ -195,6 +220,10 @@ print(f"model FLOPs per training image (matmuls, fwd + bwd): "
       + ', '.join(f"{k} {flops_per_image(model_config(k)) / 1e6:.1f} M" for k in attentions.split(',')))
 for r in results:
     print(json.dumps(r))
+if profile:
+    for kind in attentions.split(','):
+        print(f"profile of {timed_steps} training steps, {kind}, {impls.split(',')[0]}, compile {compile_options[-1]}:")
+        print(profile_steps(kind))
 if pipeline:
     for kind in attentions.split(','):
         for r in bench_pipeline(kind):

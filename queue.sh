@@ -6,9 +6,10 @@
 # started again. Each run's output goes to <out_dir>/train.log.
 #   bash queue.sh queue/cpu.txt                                   one worker
 #   bash queue.sh queue/cpu.txt & bash queue.sh queue/cpu.txt &   two
-#   DRY_RUN=1 bash queue.sh queue/cpu.txt                         what a worker would do now, without doing it
+#   PLAN=1 bash queue.sh queue/cpu.txt                            what a worker would do now, without doing it
 # Settings (environment): ARGS (appended to every run, e.g. --data_dir=data), BUDGET_S (start no run after this many
-# seconds, and stop the running one then: it saves a checkpoint, and the next worker resumes it), PYTHON (python3).
+# seconds, and stop the running one then: it saves a checkpoint, and the next worker resumes it), PREFIX (put before
+# every out_dir, e.g. results/gpu_NVIDIA_H200_runs/), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")"
 queue=${1:?usage: bash queue.sh <queue file>, e.g. queue/cpu.txt}
@@ -16,6 +17,7 @@ queue=${1:?usage: bash queue.sh <queue file>, e.g. queue/cpu.txt}
 PY=${PYTHON:-python3}
 ARGS=${ARGS:-}
 BUDGET_S=${BUDGET_S:-0}
+PREFIX=${PREFIX:-}
 say() { echo "[queue.sh $(date +%H:%M:%S)] $*"; }
 
 stopping=0
@@ -23,27 +25,32 @@ trap 'stopping=1; [ -n "${pid:-}" ] && kill -TERM "$pid" 2>/dev/null' INT TERM
 while read -r out_dir args; do
   case "$out_dir" in ''|'#'*) continue ;; esac
   [ "$stopping" = 1 ] && break
+  out_dir=$PREFIX$out_dir
   if [ -f "$out_dir/metrics.json" ] && grep -q '"test": {' "$out_dir/metrics.json"; then
     continue  # finished
   fi
   if [ -f "$out_dir/run.lock" ] && kill -0 "$(cat "$out_dir/run.lock" 2>/dev/null)" 2>/dev/null; then
     continue  # another worker trains it
   fi
-  init=scratch
-  [ -f "$out_dir/ckpt.pt" ] && init=resume
+  init=--init_from=scratch
+  if [ -f "$out_dir/ckpt.pt" ]; then
+    init=--init_from=resume
+  elif [ -f "$out_dir/metrics.json" ]; then
+    init="--init_from=scratch --overwrite=True"  # unfinished, and its checkpoint is gone (another machine)
+  fi
   limit=0
   if [ "$BUDGET_S" -gt 0 ]; then
     limit=$((BUDGET_S - SECONDS))
     [ "$limit" -lt 30 ] && { say "budget spent: stopping before $out_dir"; break; }
   fi
-  say "$init $out_dir: $PY train.py $args --out_dir=$out_dir $ARGS"
-  [ -n "${DRY_RUN:-}" ] && continue
+  say "$out_dir: $PY train.py $args --out_dir=$out_dir $init $ARGS"
+  [ -n "${PLAN:-}" ] && continue
   mkdir -p "$out_dir"
   # a run stopped by the budget gets SIGTERM, saves, and exits 143; `timeout` would also kill a stuck one
   if [ "$limit" -gt 0 ]; then
-    timeout -s TERM -k 60 "$limit" $PY train.py $args --out_dir="$out_dir" --init_from=$init $ARGS >> "$out_dir/train.log" 2>&1 &
+    timeout -s TERM -k 60 "$limit" $PY train.py $args --out_dir="$out_dir" $init $ARGS >> "$out_dir/train.log" 2>&1 &
   else
-    $PY train.py $args --out_dir="$out_dir" --init_from=$init $ARGS >> "$out_dir/train.log" 2>&1 &
+    $PY train.py $args --out_dir="$out_dir" $init $ARGS >> "$out_dir/train.log" 2>&1 &
   fi
   pid=$!
   wait "$pid"; status=$?

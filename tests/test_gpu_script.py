@@ -1,35 +1,105 @@
-"""gpu.sh, the one command for a GPU session, dry-run on the CPU (tiny models, a few steps) so it cannot rot."""
+"""gpu.sh, the one command for a GPU session, dry-run on the CPU (tiny models, a few steps) so it cannot rot; queue.sh,
+the resumable queue of runs that it and the CPU studies work through; and the committed queues themselves."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
-from conftest import ROOT
+import pytest
+
+from configurator import configure
+from conftest import ROOT, TINY, train_defaults
+
+
+def queue_lines(path):
+    with open(path) as f:
+        return [line.split() for line in f if line.strip() and not line.startswith('#')]
+
+
+@pytest.mark.parametrize('queue', ['queue/cpu.txt', 'queue/gpu.txt'])
+def test_every_committed_queue_line_is_a_valid_run(queue):
+    """Each line's config files exist and its flags are settings of the right type (configure raises otherwise), and
+    no two lines write to one out_dir."""
+    lines = queue_lines(os.path.join(ROOT, queue))
+    assert lines
+    os.chdir(ROOT)
+    for out_dir, *args in lines:
+        configure(train_defaults(), args)
+        assert not any(a.startswith('--out_dir') for a in args), out_dir
+    assert len({out_dir for out_dir, *_ in lines}) == len(lines)
 
 
 def test_gpu_script_dry_run(data_dir, tmp_path):
+    queue = tmp_path / 'queue.txt'
+    queue.write_text("# two runs, one in bfloat16\n\nq/cifar10_vit/seed0 config/cifar10_vit.py --epochs=6\n"
+                     "q/cifar10_diff2/seed0 config/cifar10_diff2.py --dtype=bfloat16\n")
     (tmp_path / 'out').mkdir()
     env = dict(os.environ, DRY_RUN='1', DATA_DIR=data_dir, RESULTS_DIR=str(tmp_path / 'results'), OUT=str(tmp_path / 'out'),
-               OMP_NUM_THREADS='1', PYTHON=sys.executable)
+               OMP_NUM_THREADS='1', PYTHON=sys.executable, QUEUE=str(queue), WORKERS='2')
     proc = subprocess.run(['bash', 'gpu.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (out,) = (tmp_path / 'results').glob('gpu_dry_run_*')  # a new folder per session, named by its date and time
-    for step in ('1/4 CUDA tests', '2/4 bench', '3/4 config/mnist_vit.py', '4/4 CIFAR-10', 'done'):
-        assert step in (out / 'log.txt').read_text()
-    for config in ('mnist_vit', 'cifar10_vit', 'cifar10_small_vit'):
-        rows = [json.loads(line) for line in (out / f'bench_{config}.txt').read_text().splitlines() if line.startswith('{')]
-        assert {(r['attention'], r['impl']) for r in rows} == {(a, i) for a in ('classic', 'diff', 'diff2') for i in ('fused', 'explicit')}
-    rows = [json.loads(line) for line in (out / 'bench_pipeline.txt').read_text().splitlines() if line.startswith('{')]
-    assert [r['pipeline'] for r in rows if 'pipeline' in r] == ['resident', 'dataloader']
+    (out,) = (tmp_path / 'results').glob('gpu_dry_run_2*')  # a new folder per command, named by its date and time
+    log = (out / 'log.txt').read_text()
+    for step in ('1/4 CUDA tests', '2/4 bench', '3/4 config/mnist_vit.py', '4/4 the queue', 'finished runs', 'done'):
+        assert step in log
+    bench = (out / 'bench_cifar10_vit.txt').read_text()
+    rows = [json.loads(line) for line in bench.splitlines() if line.startswith('{')]
+    assert {(r['attention'], r['impl'], r['dtype']) for r in rows} == {(a, 'fused', 'bfloat16') for a in ('classic', 'diff', 'diff2')}
+    assert bench.count('profile of 2 training steps') == 3 and 'Self CPU time total' in bench
     assert json.loads((out / 'mnist_wall.json').read_text())['wall_s'] > 0
-    for run in ('mnist_vit', 'cifar10_vit', 'cifar10_balanced', 'cifar10_diff', 'bfloat16/cifar10_diff'):
-        with open(out / run / 'seed0' / 'metrics.json') as f:
-            m = json.load(f)
-        assert m['test'] is not None and 'outliers' in m
-        assert m['config']['dtype'] == {'mnist_vit': 'auto', 'bfloat16/cifar10_diff': 'bfloat16'}.get(run, 'float32')
-    assert not list(out.rglob('ckpt.pt'))
+    runs = tmp_path / 'results' / 'gpu_dry_run_runs' / 'q'
+    for run, dtype in (('cifar10_vit', 'float32'), ('cifar10_diff2', 'bfloat16')):
+        m = json.loads((runs / run / 'seed0' / 'metrics.json').read_text())
+        assert m['test'] is not None and 'outliers' in m and m['precision'] == dtype
+        assert m['config']['epochs'] == 1 and m['config']['n_embd'] == 32  # the dry run's settings come last and win
     with tarfile.open(tmp_path / 'out' / 'gpu_dry_run.tar.gz') as tar:
-        assert f'{out.name}/bfloat16/cifar10_diff/seed0/metrics.json' in tar.getnames()
+        names = tar.getnames()
+    assert f'{out.name}/log.txt' in names and f'{out.name}/bench_cifar10_vit.txt' in names
+    assert {'gpu_dry_run_runs/q/cifar10_vit/seed0/metrics.json', 'gpu_dry_run_runs/q/cifar10_diff2/seed0/train.log'} <= set(names)
+    assert not [n for n in names if n.endswith(('ckpt.pt', '.lock'))]
     assert sorted(os.listdir(tmp_path / 'out')) == ['gpu_dry_run.tar.gz', 'log.txt']  # the device tool takes 8 files
+
+    # a second command on the same machine: no checks again, nothing trained again
+    time.sleep(1)  # a new folder name
+    proc = subprocess.run(['bash', 'gpu.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (second,) = set((tmp_path / 'results').glob('gpu_dry_run_2*')) - {out}
+    log = (second / 'log.txt').read_text()
+    assert 'done by an earlier command' in log and '1/4 CUDA tests' not in log
+    assert 'train.py' not in log and 'finished runs in' in log
+
+
+def test_queue_resumes_an_interrupted_run_and_skips_finished_ones(data_dir, tmp_path):
+    queue = tmp_path / 'queue.txt'
+    queue.write_text('\n'.join(f"{tmp_path}/runs/{name} {' '.join(TINY)} --epochs=3 --seed={seed}"
+                               for name, seed in (('a', 0), ('b', 1))) + '\n')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHON=sys.executable, ARGS=f'--data_dir={data_dir}')
+    worker = subprocess.Popen(['bash', 'queue.sh', str(queue)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    checkpoint = tmp_path / 'runs' / 'a' / 'ckpt.pt'
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:  # the first epoch is done
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    stdout, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0 and checkpoint.exists(), stdout
+    metrics = json.loads((tmp_path / 'runs' / 'a' / 'metrics.json').read_text())
+    assert metrics['test'] is None and not (tmp_path / 'runs' / 'b').exists()  # stopped, and b never started
+
+    proc = subprocess.run(['bash', 'queue.sh', str(queue)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'runs/a: ' in proc.stdout and '--init_from=resume' in proc.stdout
+    assert 'resuming' in (tmp_path / 'runs' / 'a' / 'train.log').read_text()
+    for name in ('a', 'b'):
+        m = json.loads((tmp_path / 'runs' / name / 'metrics.json').read_text())
+        assert m['test'] is not None and len(m['history']) == 3
+
+    proc = subprocess.run(['bash', 'queue.sh', str(queue)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and 'train.py' not in proc.stdout, proc.stdout  # nothing left to do
+    proc = subprocess.run(['bash', 'queue.sh', str(tmp_path / 'missing.txt')], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and 'queue file' in proc.stderr
