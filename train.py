@@ -1,12 +1,12 @@
 """
-Trains a ViT (classic or differential attention) on MNIST, FashionMNIST or CIFAR-10.
+Trains a ViT (classic, differential or differential V2 attention) on MNIST, FashionMNIST or CIFAR-10.
 
 Single process (writes out/mnist_diff/seed1/; python train.py --help lists every setting):
 $ python train.py config/mnist_diff.py --epochs=3 --seed=1
+Continue it if it was interrupted, or evaluate it: the same config file and flags, and
+$ python train.py config/mnist_diff.py --epochs=3 --seed=1 --init_from=resume [--eval_only=True]
 Data parallel, e.g. 4 GPUs on one node (batch_size is the global batch, split across the ranks):
 $ torchrun --standalone --nproc_per_node=4 train.py config/cifar10_diff.py
-Continue an interrupted run, or evaluate a finished one:
-$ python train.py config/mnist_diff.py --init_from=resume [--eval_only=True]
 """
 
 import atexit
@@ -40,7 +40,7 @@ from model import ViT, ViTConfig, attention_focus
 # I/O
 run_name = ''  # default: the config file's name (mnist_diff), or <dataset>_<attention> without one
 out_dir = ''  # default: out/<run_name>/seed<seed> (git-ignored); the studies in the Makefile write to results/
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt, with the checkpoint's settings)
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt): give the run's config file and flags again
 eval_only = False  # with init_from='resume': evaluate the checkpoint on val and test, then exit
 overwrite = False  # True: replace the run already in out_dir; without it a run never starts over another
 log_interval = 100  # steps between progress lines
@@ -63,7 +63,7 @@ epochs = 10
 batch_size = 64  # global: split across the ranks under torchrun
 learning_rate = 1e-3
 min_lr = 1e-5
-warmup_epochs = 1.0
+warmup_epochs = 1.0  # linear warmup, at most a tenth of the run (so that --epochs=1 of a long recipe anneals)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.999
