@@ -27,7 +27,8 @@ plot:
 test:
 	$(PYTHON) -m pytest tests
 
-# MNIST and CIFAR-10 from data/ in parts of at most 48 MiB, for a machine reached with 64 MiB per command (gpu.sh):
+# MNIST and CIFAR-10 from data/ (not FashionMNIST: no GPU run uses it) in parts of at most 48 MiB, for a machine
+# reached with 64 MiB per command (gpu.sh; results/NOTES.md, "The GPU machine"):
 # each call also carries the working tree (6.8 MB in November 2026)
 gpu_data:
 	rm -rf gpu_data && mkdir gpu_data
