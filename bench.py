@@ -122,11 +122,10 @@ def bench_step(kind, impl, compiled):
     return result
 
 
-def profile_steps(kind):
+def profile_steps(kind, x_dev, y_dev):
     """torch.profiler's table, by self time, of whole training steps as train.py takes them on real data (batch
     indexing, augmentation, forward, backward, clipping, AdamW), with the first of impls and the last of compiles."""
     from torch.profiler import ProfilerActivity
-    x_dev, y_dev = load_dataset(dataset, data_dir, device)['train']
     order = batches(len(x_dev), batch_size, device, torch.Generator().manual_seed(0), drop_last=True)
     torch.manual_seed(0)
     model = ViT(model_config(kind, impls.split(',')[0])).to(device)
@@ -221,9 +220,10 @@ print(f"model FLOPs per training image (matmuls, fwd + bwd): "
 for r in results:
     print(json.dumps(r))
 if profile:
+    train_split = load_dataset(dataset, data_dir, device)['train']
     for kind in attentions.split(','):
         print(f"profile of {timed_steps} training steps, {kind}, {impls.split(',')[0]}, compile {compile_options[-1]}:")
-        print(profile_steps(kind))
+        print(profile_steps(kind, *train_split))
 if pipeline:
     for kind in attentions.split(','):
         for r in bench_pipeline(kind):

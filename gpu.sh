@@ -73,7 +73,7 @@ say "4/4 the queue $QUEUE, $WORKERS at once, for ${left} s, into $runs/"
 for w in $(seq "$WORKERS"); do
   BUDGET_S=$left PYTHON=$PY PREFIX="$runs/" ARGS="--data_dir=$DATA_DIR $queue_args" \
     bash queue.sh "$QUEUE" > "$out/queue_worker$w.log" 2>&1 &
-  sleep 2  # each worker takes the next run that nobody holds
+  sleep 1  # each worker takes the next run that nobody holds
 done
 wait
 cat "$out"/queue_worker*.log >> "$log"

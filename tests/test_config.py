@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import ROOT, run_train, train_defaults
+from conftest import ROOT, run_train, run_train_fast, train_defaults
 from configurator import ConfigError, apply_config, configure
 
 DEFAULTS = train_defaults()
@@ -100,11 +100,21 @@ def test_every_config_file_is_valid_and_variants_share_the_recipe():
     (['--compile=yes'], "compile='yes': must be True, False or 'auto'"),
 ])
 def test_bad_input_is_one_clear_error(args, message, tmp_path):
-    proc = run_train('--device=cpu', f'--data_dir={tmp_path}', f'--out_dir={tmp_path}', *args, check=False)
+    proc = run_train_fast('--device=cpu', f'--data_dir={tmp_path}', f'--out_dir={tmp_path}', *args, check=False)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr  # one line, no traceback
     assert message in proc.stderr
+
+
+def test_bad_input_is_one_clear_error_from_a_fresh_interpreter(tmp_path):
+    """As above, but from `python train.py` itself rather than a fork of a process that has imported torch: nothing
+    that a fresh start prints (an import's warning, say) reaches stderr, and the exit code is the interpreter's."""
+    proc = run_train('--device=cpu', f'--data_dir={tmp_path}', f'--out_dir={tmp_path}', '--dtype=float8', check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr  # one line, no traceback
+    assert "dtype='float8': must be" in proc.stderr
 
 
 def test_train_defaults_are_the_mnist_diff_config():

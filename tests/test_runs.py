@@ -12,15 +12,14 @@ import pytest
 import torch
 
 from configurator import free_cores
-from conftest import ROOT, TINY, run_train
-from test_reliability import args_for, one_line_error
+from conftest import ROOT, TINY, Forked, args_for, one_line_error, run_forked, run_train_fast
 
 
-@pytest.fixture(scope='module')
-def finished(data_dir, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp('finished')
-    run_train(*args_for(data_dir, out_dir, '--epochs=1'))
-    return out_dir
+@pytest.fixture
+def finished(vit_run):
+    """A finished 1-epoch run on small_data_dir (conftest's vit_run, shared with test_reliability: never changed
+    here; a test that changes a run copies it)."""
+    return vit_run
 
 
 def git_status():
@@ -28,12 +27,12 @@ def git_status():
     return proc.stdout if proc.returncode == 0 else None
 
 
-def test_default_out_dir_is_the_ignored_out_folder(data_dir):
+def test_default_out_dir_is_the_ignored_out_folder(small_data_dir):
     """A run without --out_dir (the README's commands) writes out/<run_name>/seed<seed>/, which git ignores."""
     out_dir = os.path.join(ROOT, 'out', 'mnist_vit', 'seed9173')
     before = git_status()
     try:
-        run_train('config/mnist_vit.py', f'--data_dir={data_dir}', '--epochs=1', '--seed=9173', *TINY)
+        run_train_fast('config/mnist_vit.py', f'--data_dir={small_data_dir}', '--epochs=1', '--seed=9173', *TINY)
         assert os.path.isfile(os.path.join(out_dir, 'metrics.json'))
         assert not os.path.exists(os.path.join(ROOT, 'results', 'mnist_vit', 'seed9173'))
         assert git_status() == before
@@ -41,26 +40,23 @@ def test_default_out_dir_is_the_ignored_out_folder(data_dir):
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def test_a_finished_run_is_never_replaced_by_accident(data_dir, finished, tmp_path):
+def test_a_finished_run_is_never_replaced_by_accident(small_data_dir, finished, tmp_path):
     metrics = (finished / 'metrics.json').read_bytes()
     start = time.time()
-    proc = run_train(*args_for(data_dir, finished, '--epochs=1'), check=False)
+    proc = run_train_fast(*args_for(small_data_dir, finished, '--epochs=1'), check=False)
     line = one_line_error(proc, str(finished), 'already holds a run', '--init_from=resume', '--out_dir', '--seed',
                           '--overwrite=True')
     assert 'train /' not in proc.stdout and time.time() - start < 15  # refused before the data loads
     assert (finished / 'metrics.json').read_bytes() == metrics
     shutil.copytree(finished, tmp_path / 'copy')
-    proc = run_train(*args_for(data_dir, tmp_path / 'copy', '--epochs=1', '--overwrite=True', '--seed=1'))
+    proc = run_train_fast(*args_for(small_data_dir, tmp_path / 'copy', '--epochs=1', '--overwrite=True', '--seed=1'))
     assert 'epoch 1/1 done' in proc.stdout
     assert (tmp_path / 'copy' / 'metrics.json').read_bytes() != metrics
 
 
-def test_two_identical_runs_started_together_one_refuses(data_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    cmd = [sys.executable, 'train.py', *args_for(data_dir, tmp_path, '--epochs=2')]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+def test_two_identical_runs_started_together_one_refuses(small_data_dir, tmp_path):
+    procs = [Forked('train.py', *args_for(small_data_dir, tmp_path, '--epochs=2')) for _ in range(2)]
+    results = [(p.wait(), p.communicate()[1]) for p in procs]
     assert sorted(code for code, _ in results) == [0, 1], results
     refusal = next(err for code, err in results if code)
     assert str(tmp_path) in refusal and ('in use by a running process' in refusal or 'already holds a run' in refusal)
@@ -68,18 +64,18 @@ def test_two_identical_runs_started_together_one_refuses(data_dir, tmp_path):
     assert [p for p in os.listdir(tmp_path) if p.endswith('.tmp')] == []
 
 
-def test_a_stale_lock_is_reported_and_taken_over(data_dir, tmp_path):
+def test_a_stale_lock_is_reported_and_taken_over(small_data_dir, tmp_path):
     dead = subprocess.Popen([sys.executable, '-c', 'pass'])
     dead.wait()
     (tmp_path / 'run.lock').write_text(str(dead.pid))
-    proc = run_train(*args_for(data_dir, tmp_path, '--epochs=1'))
+    proc = run_train_fast(*args_for(small_data_dir, tmp_path, '--epochs=1'))
     assert f"left by process {dead.pid}, which is no longer running" in proc.stdout
     assert not (tmp_path / 'run.lock').exists()
 
 
-def test_a_live_lock_stops_the_run(data_dir, tmp_path):
+def test_a_live_lock_stops_the_run(small_data_dir, tmp_path):
     (tmp_path / 'run.lock').write_text(str(os.getpid()))  # this test process: alive
-    proc = run_train(*args_for(data_dir, tmp_path, '--epochs=1'), check=False)
+    proc = run_train_fast(*args_for(small_data_dir, tmp_path, '--epochs=1'), check=False)
     one_line_error(proc, str(tmp_path), 'in use by a running process', f'pid {os.getpid()}')
     assert (tmp_path / 'run.lock').read_text() == str(os.getpid())
 
@@ -87,13 +83,13 @@ def test_a_live_lock_stops_the_run(data_dir, tmp_path):
 @pytest.mark.parametrize('flag,message', [('--epochs=2', 'epochs 1 -> 2'), ('--seed=1', 'seed 0 -> 1'),
                                           ('--learning_rate=1e-2', 'learning_rate 0.003 -> 0.01'),
                                           ('--augment=crop', "augment 'none' -> 'crop'")])
-def test_resume_refuses_other_settings(data_dir, finished, flag, message):
-    proc = run_train(*args_for(data_dir, finished, '--epochs=1', '--init_from=resume', flag), check=False)
+def test_resume_refuses_other_settings(small_data_dir, finished, flag, message):
+    proc = run_train_fast(*args_for(small_data_dir, finished, '--epochs=1', '--init_from=resume', flag), check=False)
     one_line_error(proc, 'was trained with other settings', message)
     assert 'train /' not in proc.stdout  # before the data loads
 
 
-def test_resume_refuses_a_precision_that_auto_resolved_differently(data_dir, finished, tmp_path):
+def test_resume_refuses_a_precision_that_auto_resolved_differently(small_data_dir, finished, tmp_path):
     """dtype='auto' is the same setting everywhere but bfloat16 on one machine and float32 on another."""
     with open(finished / 'metrics.json') as f:
         precision = json.load(f)['precision']
@@ -102,29 +98,30 @@ def test_resume_refuses_a_precision_that_auto_resolved_differently(data_dir, fin
     assert checkpoint['precision'] == precision
     checkpoint['precision'] = 'float16'  # as 'auto' resolves on a GPU without bfloat16, never on a CPU
     torch.save(checkpoint, tmp_path / 'ckpt.pt')
-    proc = run_train(*args_for(data_dir, tmp_path, '--epochs=1', '--init_from=resume'), check=False)
+    proc = run_train_fast(*args_for(small_data_dir, tmp_path, '--epochs=1', '--init_from=resume'), check=False)
     one_line_error(proc, 'was trained with other settings', f"precision 'float16' -> '{precision}'", "dtype='auto'")
 
 
-def test_resume_and_eval_take_settings_that_cannot_change_the_result(data_dir, finished):
-    proc = run_train(*args_for(data_dir, finished, '--epochs=1', '--init_from=resume', '--eval_only=True',
-                               '--log_interval=7', f'--data_dir={data_dir}/../{os.path.basename(data_dir)}'))
+def test_resume_and_eval_take_settings_that_cannot_change_the_result(small_data_dir, finished):
+    same_data = f'--data_dir={small_data_dir}/../{os.path.basename(small_data_dir)}'
+    proc = run_train_fast(*args_for(small_data_dir, finished, '--epochs=1', '--init_from=resume', '--eval_only=True',
+                                    '--log_interval=7', same_data))
     assert '"test_acc"' in proc.stdout
 
 
-def test_an_unwritable_out_dir_fails_at_once(data_dir, tmp_path):
+def test_an_unwritable_out_dir_fails_at_once(small_data_dir, tmp_path):
     (tmp_path / 'file').write_text('')
     start = time.time()
-    proc = run_train(*args_for(data_dir, tmp_path / 'file' / 'run'), check=False)
+    proc = run_train_fast(*args_for(small_data_dir, tmp_path / 'file' / 'run'), check=False)
     one_line_error(proc, 'cannot write to out_dir', str(tmp_path / 'file' / 'run'))
     assert time.time() - start < 15 and 'train /' not in proc.stdout
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
-def test_a_read_only_out_dir_fails_at_once(data_dir, tmp_path):
+def test_a_read_only_out_dir_fails_at_once(small_data_dir, tmp_path):
     tmp_path.chmod(0o555)
     try:
-        proc = run_train(*args_for(data_dir, tmp_path / 'run'), check=False)
+        proc = run_train_fast(*args_for(small_data_dir, tmp_path / 'run'), check=False)
         one_line_error(proc, 'cannot write to out_dir')
     finally:
         tmp_path.chmod(0o755)
@@ -133,7 +130,7 @@ def test_a_read_only_out_dir_fails_at_once(data_dir, tmp_path):
 @pytest.mark.parametrize('script', ['train.py', 'bench.py'])
 @pytest.mark.parametrize('flag', ['--help', '-h'])
 def test_help_lists_every_setting_with_its_default(script, flag):
-    proc = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = run_forked(script, flag, check=False, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--learning_rate=1e-3" in proc.stdout and 'optimizer' in proc.stdout and '--overwrite=False' in proc.stdout
     assert '--compile=' in proc.stdout and "'auto'" in proc.stdout
@@ -154,7 +151,7 @@ def test_free_cores_are_those_other_processes_leave(monkeypatch):
         assert free_cores((100.0, 50.0), (100.0 + 20 + 10 * others, 70.0), 10.0) == expected, others
 
 
-def test_a_cpu_run_gives_way_to_a_busy_core(data_dir, tmp_path):
+def test_a_cpu_run_gives_way_to_a_busy_core(small_data_dir, tmp_path):
     """With another process spinning on one of 2 cores, train.py trains with one thread and says so; with
     OMP_NUM_THREADS set it keeps that count and says nothing."""
     if len(os.sched_getaffinity(0)) < 2:
@@ -162,12 +159,14 @@ def test_a_cpu_run_gives_way_to_a_busy_core(data_dir, tmp_path):
     spinner = subprocess.Popen([sys.executable, '-c', 'import time\nend = time.time() + 60\nwhile time.time() < end: pass'])
     try:
         env = {k: v for k, v in os.environ.items() if k != 'OMP_NUM_THREADS'}
-        args = [sys.executable, 'train.py', f'--data_dir={data_dir}', *TINY, '--epochs=1']
-        for extra_env, expected in (({}, True), ({'OMP_NUM_THREADS': '2'}, False)):
-            proc = subprocess.run(args + [f'--out_dir={tmp_path / str(len(extra_env))}'], cwd=ROOT, capture_output=True,
-                                  text=True, env={**env, **extra_env}, timeout=300)
-            assert proc.returncode == 0, proc.stderr
-            assert ('training with 1 thread\n' in proc.stdout) == expected, proc.stdout
+        args = [sys.executable, 'train.py', f'--data_dir={small_data_dir}', *TINY, '--epochs=1']
+        runs = [(subprocess.Popen(args + [f'--out_dir={tmp_path / str(len(extra_env))}'], cwd=ROOT, text=True,
+                                  env={**env, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE), expected)
+                for extra_env, expected in (({}, True), ({'OMP_NUM_THREADS': '2'}, False))]  # side by side
+        for proc, expected in runs:
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stderr
+            assert ('training with 1 thread\n' in stdout) == expected, stdout
     finally:
         spinner.kill()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_train
+from conftest import ROOT, TINY, Forked, run_forked, run_train_fast
 from data import load_dataset, normalize
 from model import ViT, ViTConfig
 
@@ -23,7 +23,7 @@ def read_metrics(out_dir):
 @pytest.fixture(scope='module')
 def finished_run(data_dir, tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp('run'))
-    proc = run_train('config/mnist_diff.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--epochs=3', *TINY)
+    proc = run_train_fast('config/mnist_diff.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--epochs=3', *TINY)
     return out_dir, proc
 
 
@@ -47,14 +47,14 @@ def test_run_learns_and_writes_valid_metrics(finished_run):
     assert all(o['top1'] >= o['top10'] >= o['median'] > 0 for o in m['outliers'].values())
 
 
-def test_outliers_are_the_exact_top_values_and_median(data_dir, tmp_path):
+def test_outliers_are_the_exact_top_values_and_median(small_data_dir, tmp_path):
     """metrics.json's outliers against a direct computation over the whole test set (float32, so both agree)."""
-    run_train('config/mnist_diff.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--epochs=1', '--dtype=float32',
-              *TINY)
+    run_train_fast('config/mnist_diff.py', f'--data_dir={small_data_dir}', f'--out_dir={tmp_path}', '--epochs=1',
+                   '--dtype=float32', *TINY)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     model = ViT(ViTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
-    x = normalize(load_dataset('mnist', data_dir)['test'][0], 'mnist')
+    x = normalize(load_dataset('mnist', small_data_dir)['test'][0], 'mnist')
     with torch.no_grad():
         logits, activations = (torch.cat([a.abs().flatten() for a in values]) for values in zip(*model.eval().activations(x)))
     for key, values in (('attn_logits', logits), ('activations', activations)):
@@ -77,8 +77,8 @@ def test_attention_sample_is_small_and_complete(finished_run):
 
 def test_eval_only_reproduces_the_test_result(finished_run, data_dir):
     out_dir, _ = finished_run
-    proc = run_train('config/mnist_diff.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--init_from=resume',
-                     '--eval_only=True', '--epochs=3', *TINY)
+    proc = run_train_fast('config/mnist_diff.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}',
+                          '--init_from=resume', '--eval_only=True', '--epochs=3', *TINY)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     test = read_metrics(out_dir)['test']
     assert result['test_acc'] == test['acc'] and result['test_loss'] == pytest.approx(test['loss'], rel=1e-6)
@@ -87,11 +87,15 @@ def test_eval_only_reproduces_the_test_result(finished_run, data_dir):
         assert result['outliers'][key] == pytest.approx(outliers, rel=1e-6)
 
 
-def interrupt_after(args, line, sig=signal.SIGTERM):
-    """Starts train.py, sends `sig` once it prints a line containing `line`, returns (exit code, output)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def interrupt_after(args, line, sig=signal.SIGTERM, forked=False):
+    """Starts train.py (forked=True: as a fork, conftest's Forked), sends `sig` once it prints a line containing
+    `line`, returns (exit code, output)."""
+    if forked:
+        proc = Forked('train.py', *args, stream=True)
+    else:
+        env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+        proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
     output = []
     for text in proc.stdout:
         output.append(text)
@@ -111,13 +115,13 @@ def without_measurements(history):
 def test_interrupted_run_resumes_to_the_same_result(finished_run, data_dir, tmp_path, sig):
     out_dir, _ = finished_run
     args = ['config/mnist_diff.py', f'--data_dir={data_dir}', '--epochs=3', *TINY]
-    code, output = interrupt_after([*args, f'--out_dir={tmp_path}'], 'epoch 1/3 done', sig)
+    code, output = interrupt_after([*args, f'--out_dir={tmp_path}'], 'epoch 1/3 done', sig, forked=True)
     assert code == 128 + sig, output
     assert f"Resume with: python train.py" in output and '--init_from=resume' in output
     stopped = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['state']
     assert stopped['epoch'] == 1 and stopped['batch'] > 0  # stopped inside epoch 2, after a finished step
     assert len(read_metrics(tmp_path)['history']) == 1
-    proc = run_train(*args, f'--out_dir={tmp_path}', '--init_from=resume')
+    proc = run_train_fast(*args, f'--out_dir={tmp_path}', '--init_from=resume')
     assert 'resuming' in proc.stdout
     resumed, full = read_metrics(tmp_path), read_metrics(out_dir)
     assert without_measurements(resumed['history']) == without_measurements(full['history'])
@@ -125,11 +129,12 @@ def test_interrupted_run_resumes_to_the_same_result(finished_run, data_dir, tmp_
 
 
 def test_data_parallel_two_cpu_ranks(data_dir, tmp_path):
-    """torchrun with 2 gloo ranks: each trains on its shard; rank 0 alone writes; the run learns."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           'train.py', 'config/mnist_vit.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
-                           '--epochs=2', *TINY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    """torchrun with 2 gloo ranks: each trains on its shard; rank 0 alone writes; the run learns. The launcher
+    (`python -m torch.distributed.run`, run as its file) is forked; the ranks it starts are fresh interpreters."""
+    torchrun = os.path.join(os.path.dirname(torch.__file__), 'distributed', 'run.py')
+    proc = run_forked(torchrun, '--standalone', '--nproc_per_node=2', 'train.py',
+                      'config/mnist_vit.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path}', '--epochs=2', *TINY,
+                      check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     m = read_metrics(tmp_path)
     assert m['world_size'] == 2 and m['config']['batch_size'] == 64
