@@ -250,7 +250,8 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = {'classic': Attention, 'diff': DiffAttention, 'diff2': DiffAttentionV2}[config.attention](config, layer_idx)
+        attention = {'classic': Attention, 'diff': DiffAttention, 'diff2': DiffAttentionV2}[config.attention]
+        self.attn = attention(config, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
