@@ -20,7 +20,7 @@ if 'OMP_WAIT_POLICY' not in os.environ:  # a policy the user set wins
 import torch
 import torch.nn.functional as F
 
-from configurator import apply_config, cpu_seconds, free_cores, peak_memory_mb, read_defaults, resolve_auto
+from configurator import apply_config, cpu_reading, free_cores, peak_memory_mb, read_defaults, resolve_auto
 from data import DATASETS, augment_batch, batches, load_dataset, normalize
 from model import ViT, ViTConfig
 
@@ -40,7 +40,7 @@ num_workers = 2  # DataLoader worker processes for the torchvision pipeline
 profile = False  # also print torch.profiler's table of timed_steps whole training steps on real data, per attention
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-cpu_reading = (time.time(), cpu_seconds())
+cpu_load = cpu_reading()
 apply_config(globals(), help_scripts=[_train_script, __file__])
 if compiles not in (True, False, 'auto'):
     sys.exit(f"error: compiles={compiles!r}: must be True, False or 'auto'")
@@ -197,11 +197,10 @@ def bench_pipeline(kind):
     return results
 
 
-if device_type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ and cpu_reading[1] is not None:
+if device_type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ and cpu_load is not None:
     # as train.py does: only the cores that other processes leave free (spinning threads collapse on shared cores)
-    time.sleep(max(0.0, 0.5 - (time.time() - cpu_reading[0])))
-    torch.set_num_threads(min(torch.get_num_threads(),
-                              free_cores(cpu_reading[1], cpu_seconds(), time.time() - cpu_reading[0])))
+    time.sleep(max(0.0, 0.5 - (time.time() - cpu_load[0])))
+    torch.set_num_threads(min(torch.get_num_threads(), free_cores(cpu_load, cpu_reading())))
 compile_options = [False, True] if compiles == 'auto' else [compiles]
 print(f"{config_name}: {dataset}, batch {batch_size}, {device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
       f"{dtype}, torch {torch.__version__}")

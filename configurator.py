@@ -14,6 +14,7 @@ import ast
 import math
 import os
 import sys
+import time
 import types
 from ast import literal_eval
 
@@ -149,22 +150,22 @@ def resolve_auto(device, dtype, compile):
     return device, device_type, dtype, use_compile
 
 
-def cpu_seconds():
-    """(CPU seconds used by every process on the machine, CPU seconds used by this one) from /proc/stat and
-    os.times(); None where there is no /proc/stat. Two readings a moment apart tell how busy the other processes are."""
+def cpu_reading():
+    """(now, CPU seconds used by every process on the machine, CPU seconds used by this one) from time.time(),
+    /proc/stat and os.times(); None where there is no /proc/stat. Two readings tell how busy the others were."""
     try:
         with open('/proc/stat') as f:
             user, nice, system, idle, iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
     except (OSError, ValueError):
         return None
     own = os.times()
-    return (user + nice + system + irq + softirq) / os.sysconf('SC_CLK_TCK'), own.user + own.system
+    return time.time(), (user + nice + system + irq + softirq) / os.sysconf('SC_CLK_TCK'), own.user + own.system
 
 
-def free_cores(before, after, elapsed):
-    """The cores that other processes left free between two cpu_seconds() readings elapsed seconds apart (at least
-    one): a process that kept a quarter of a core busy or more holds that core."""
-    busy_elsewhere = (after[0] - before[0] - (after[1] - before[1])) / max(elapsed, 1e-9)
+def free_cores(before, after):
+    """The cores that other processes left free between two cpu_reading()s (at least one): a process that kept a
+    quarter of a core busy or more holds that core."""
+    busy_elsewhere = (after[1] - before[1] - (after[2] - before[2])) / max(after[0] - before[0], 1e-9)
     return max(1, len(os.sched_getaffinity(0)) - max(0, math.ceil(busy_elsewhere - 0.25)))
 
 

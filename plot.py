@@ -139,12 +139,17 @@ def ordered(by_run):
     return sorted(by_run, key=lambda r: (VARIANTS.index(variant(r)) if variant(r) in VARIANTS else 99, r))
 
 
+def setup(m):
+    """(precision, epochs) of a run, as tables, legends and headings name them."""
+    return precision(m) or 'precision unknown', len(m['history'])
+
+
 def run_tags(by_run):
     """{run: [precision, epochs]} where the runs of one study and dataset differ in either (main names them once
     under the heading where they agree: then every run's tags are [])."""
-    setup = {r: (precision(ms[0]) or 'precision unknown', f"{len(ms[0]['history'])} ep") for r, ms in by_run.items()}
-    mixed = len(set(setup.values())) > 1
-    return {r: list(s) if mixed else [] for r, s in setup.items()}
+    setups = {r: setup(ms[0]) for r, ms in by_run.items()}
+    mixed = len(set(setups.values())) > 1
+    return {r: [p, f"{epochs} ep"] if mixed else [] for r, (p, epochs) in setups.items()}
 
 
 def label(run, tags):
@@ -370,8 +375,8 @@ def main(folder):
             written.append(os.path.join(folder, figure['attention']))
         report += [f"## {dataset}" + ('' if study == '.' else f" ({study}/)"), ""]
         if not any(tags.values()):  # the runs agree: say it once
-            first = next(iter(by_run.values()))[0]
-            report += [f"{precision(first) or 'precision unknown'}, {len(first['history'])} epochs", ""]
+            shared_precision, epochs = setup(next(iter(by_run.values()))[0])
+            report += [f"{shared_precision}, {epochs} epochs", ""]
         report += dataset_table(dataset, by_run, tags) + [""]
         outliers = outlier_table(by_run, tags)
         if outliers:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import apply_config, cpu_seconds, free_cores, peak_memory_mb, resolve_auto
+from configurator import apply_config, cpu_reading, free_cores, peak_memory_mb, resolve_auto
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, foreground_patches, load_dataset, normalize
 from model import ViT, ViTConfig, attention_focus
 
@@ -76,7 +76,7 @@ dtype = 'auto'  # 'auto': bfloat16 where the hardware has it (CUDA, CPUs with AV
 compile = 'auto'  # True, False, or 'auto': on for CUDA; off on CPU, where 13-27 s of compiling outweigh the gain
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-cpu_reading = (time.time(), cpu_seconds())  # how busy the other processes are, measured until training starts
+cpu_load = cpu_reading()  # how busy the other processes are, measured from here until training starts
 apply_config(globals())
 config_files = [a for a in sys.argv[1:] if not a.startswith('--')]
 run_name = run_name or (os.path.splitext(os.path.basename(config_files[-1]))[0] if config_files
@@ -267,15 +267,15 @@ log(f"{run_name} seed {seed}: {attention} ViT, {raw_model.num_params():,} parame
 # but collapse when another process shares the cores (two at once: 4.5x the lone time each). So a CPU run takes the
 # cores that other processes leave free, and looks again every 10 s: two runs on 2 cores settle at one thread each
 # (results/NOTES.md, "Threads"). OMP_NUM_THREADS in the environment fixes the count instead.
-adapt_threads = device_type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ and cpu_reading[1] is not None
+adapt_threads = device_type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ and cpu_load is not None
 max_threads = torch.get_num_threads()
 
 
 def fit_threads_to_load():
-    global cpu_reading
-    now = (time.time(), cpu_seconds())
-    threads = min(max_threads, free_cores(cpu_reading[1], now[1], now[0] - cpu_reading[0]))
-    cpu_reading = now
+    global cpu_load
+    now = cpu_reading()
+    threads = min(max_threads, free_cores(cpu_load, now))
+    cpu_load = now
     if threads != torch.get_num_threads():
         log(f"other processes leave {threads} of {max_threads} cores free: training with {threads} "
             f"thread{'s' * (threads > 1)}")
@@ -419,7 +419,7 @@ while state['epoch'] < epochs:
     model.train()
     t_epoch, t_log, images_since_log, first_batch = time.time(), time.time(), 0, state['batch']
     for i in range(first_batch, steps_per_epoch):
-        if adapt_threads and time.time() - cpu_reading[0] >= 10:
+        if adapt_threads and time.time() - cpu_load[0] >= 10:
             fit_threads_to_load()
         idx = order[i]
         step = state['step']

@@ -146,9 +146,9 @@ def test_plot_help():
 def test_free_cores_are_those_other_processes_leave(monkeypatch):
     """A run takes the cores other processes leave free: spinning OpenMP threads collapse on shared cores."""
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1})
-    # (machine CPU seconds, this process's CPU seconds) 10 s apart: this process used 20 of the machine's N s
+    # (time, machine CPU seconds, this process's CPU seconds) 10 s apart: this process used 20 of the machine's N s
     for others, expected in ((0.0, 2), (1.0, 1), (2.0, 1), (0.1, 2), (0.3, 1), (3.5, 1)):
-        assert free_cores((100.0, 50.0), (100.0 + 20 + 10 * others, 70.0), 10.0) == expected, others
+        assert free_cores((0.0, 100.0, 50.0), (10.0, 100.0 + 20 + 10 * others, 70.0)) == expected, others
 
 
 def test_a_cpu_run_gives_way_to_a_busy_core(small_data_dir, tmp_path):
