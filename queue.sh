@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Works through a queue of training runs, a file of lines "<out_dir> <train.py arguments>", in order. A finished run
-# (its metrics.json has a test result) is skipped, a run with a checkpoint is resumed, a run that another worker is
-# training is left to it. So several workers can share one queue (two on 2 cores: train.py then gives each one
+# (its metrics.json has a test result) is skipped, and so is a failed one (its metrics.json records "failures", e.g. a
+# non-finite loss); a run with a checkpoint is resumed, a run that another worker is training is left to it. So
+# several workers can share one queue (two on 2 cores: train.py then gives each one
 # thread), and a queue stopped at any moment (Ctrl-C, SIGTERM, a machine that goes away) goes on where it was when
 # started again. Each run's output goes to <out_dir>/train.log. A worker reads its queue as it goes: to change a
 # queue, stop its workers (their runs save) and start them again.
@@ -29,6 +30,10 @@ while read -r out_dir args; do
   out_dir=$PREFIX$out_dir
   if [ -f "$out_dir/metrics.json" ] && grep -q '"test": {' "$out_dir/metrics.json"; then
     continue  # finished
+  fi
+  if [ -f "$out_dir/metrics.json" ] && grep -q '"failures"' "$out_dir/metrics.json"; then
+    say "$out_dir: skipped, it failed before (the \"failures\" in its metrics.json); resume it by hand to try again"
+    continue  # a divergence is a result: never retried silently
   fi
   if [ -f "$out_dir/run.lock" ] && kill -0 "$(cat "$out_dir/run.lock" 2>/dev/null)" 2>/dev/null; then
     continue  # another worker trains it

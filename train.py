@@ -152,6 +152,7 @@ log = print if master else (lambda *args, **kwargs: None)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 metrics_path = os.path.join(out_dir, 'metrics.json')
 attention_path = os.path.join(out_dir, 'attention.npz')
+model_path = os.path.join(out_dir, 'model.pt')
 lock_path = os.path.join(out_dir, 'run.lock')
 
 
@@ -201,7 +202,7 @@ if master and not eval_only:
         fail(f"{out_dir} already holds a run ({', '.join(existing)}): continue it with --init_from=resume, start a "
              "new one with another --out_dir or --seed, or replace it with --overwrite=True")
     if init_from == 'scratch':
-        for path in (metrics_path, ckpt_path, attention_path):
+        for path in (metrics_path, ckpt_path, attention_path, model_path):
             if os.path.exists(path):
                 os.remove(path)
 
@@ -230,6 +231,9 @@ try:
 except (FileNotFoundError, ValueError) as e:
     fail(e)
 x_train, y_train = splits['train']
+# a fixed, un-augmented subset of the training images, measured after every epoch: whether a model fits its training
+# data, which the running accuracy over augmented batches (train_acc) does not tell
+splits['train_clean'] = (x_train[:5000], y_train[:5000])
 log(f"{dataset}: {len(x_train):,} train / {len(splits['val'][0]):,} val / {len(splits['test'][0]):,} test images "
     f"on {device}")
 
@@ -247,7 +251,11 @@ warmup_steps = min(int(warmup_epochs * steps_per_epoch), total_steps // 10)
 # resume: model, optimizer, position in the run and every RNG state, so the run ends as if never stopped
 state = dict(epoch=0, batch=0, step=0, history=[], best_val_loss=float('inf'), elapsed=0.0, train_time=0.0,
              train_images=0, epoch_sums=[0.0, 0.0, 0.0])
+failures = []  # non-finite losses this run stopped on, kept when it is resumed by hand
 if init_from == 'resume':
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            failures = json.load(f).get('failures', [])
     model.load_state_dict(checkpoint['model'])
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
@@ -377,6 +385,8 @@ def save_metrics(test=None, **final):
                    train_time_s=state['elapsed'], images_per_s=state['train_images'] / max(state['train_time'], 1e-9),
                    device=torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu', precision=dtype,
                    world_size=world_size, torch=torch.__version__)
+    if failures:
+        metrics['failures'] = failures
     metrics.update({k: v for k, v in final.items() if v is not None})  # attn_focus, outliers: after the last epoch
     write_atomic(metrics_path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
 
@@ -391,8 +401,12 @@ if eval_only:
 def stop_if_not_finite(epoch):
     step = bad_step.item()  # the first step whose loss was NaN or inf, or -1
     if step >= 0:
-        fail(f"non-finite loss at epoch {epoch + 1}, step {step} (learning rate {get_lr(step):.3g}); stopped, the last "
-             f"good checkpoint {ckpt_path} is kept. Try a lower --learning_rate or --dtype=float32")
+        failure = f"non-finite loss at epoch {epoch + 1}, step {step} (learning rate {get_lr(step):.3g})"
+        if master:  # recorded, so that neither queue.sh nor plot.py lets a divergence pass unseen
+            failures.append(failure)
+            save_metrics()
+        fail(f"{failure}; stopped, the last good checkpoint {ckpt_path} is kept and {metrics_path} records the "
+             "failure. Try a lower --learning_rate or --dtype=float32")
 
 
 # SIGINT / SIGTERM: finish the current step, save, and say how to go on
@@ -467,16 +481,17 @@ while state['epoch'] < epochs:
     state['train_time'] += time.time() - t_epoch
     state['train_images'] += (steps_per_epoch - first_batch) * batch_size
     val_loss, val_acc, _ = evaluate('val')
+    _, train_clean_acc, _ = evaluate('train_clean')
     state['elapsed'] = time.time() - start
     epoch_row = dict(epoch=epoch + 1, step=state['step'], lr=get_lr(state['step'] - 1), train_loss=train_loss_sum / n,
-                     train_acc=train_correct / n, val_loss=val_loss, val_acc=val_acc, time_s=state['elapsed'],
-                     peak_mem_mb=peak_memory_mb(device))
+                     train_acc=train_correct / n, train_clean_acc=train_clean_acc, val_loss=val_loss, val_acc=val_acc,
+                     time_s=state['elapsed'], peak_mem_mb=peak_memory_mb(device))
     state['history'].append(epoch_row)
     state['best_val_loss'] = min(state['best_val_loss'], val_loss)
     state.update(epoch=epoch + 1, batch=0, epoch_sums=[0.0, 0.0, 0.0])
     epoch_sums.zero_()
     log(f"epoch {epoch + 1}/{epochs} done | train loss {train_loss_sum / n:.4f} acc {train_correct / n:.4f} | "
-        f"val loss {val_loss:.4f} acc {val_acc:.4f} | {state['elapsed']:.0f}s | peak memory {epoch_row['peak_mem_mb']:,.0f} MB")
+        f"clean train acc {train_clean_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | {state['elapsed']:.0f}s | peak memory {epoch_row['peak_mem_mb']:,.0f} MB")
     if master:
         save_checkpoint()
         save_metrics()
@@ -485,12 +500,15 @@ test_loss, test_acc, focus = evaluate('test', focus=spec['foreground'])
 if master:
     sample = attention_sample()
     write_atomic(attention_path, lambda f: np.savez_compressed(f, **sample))
+    # the final weights alone, float32, for the analyses of eval.py; the optimizer stays in ckpt.pt
+    weights = {k: v.detach().float().cpu() for k, v in raw_model.state_dict().items()}
+    write_atomic(model_path, lambda f: torch.save(weights, f))
     outliers = outlier_stats()
     save_metrics(test=dict(loss=test_loss, acc=test_acc), attn_focus=focus, outliers=outliers)
     log(f"test loss {test_loss:.4f} acc {test_acc:.4f}" + (f" | attention focus {focus:.4f}" if focus is not None else "")
         + f" | {state['elapsed']:.0f}s, {state['train_images'] / state['train_time']:,.0f} img/s")
     log("outliers (top-1 / top-10 / median of |x|): " + ', '.join(
         f"{key} {o['top1']:.1f} / {o['top10']:.1f} / {o['median']:.3f}" for key, o in outliers.items()))
-    log(f"wrote {metrics_path}, {attention_path}, {ckpt_path}")
+    log(f"wrote {metrics_path}, {attention_path}, {model_path}, {ckpt_path}")
 if ddp:
     dist.destroy_process_group()
