@@ -6,13 +6,14 @@ ARGS ?=
 PYTHON ?= python
 VARIANTS = vit balanced diff
 
-.PHONY: help mnist fashionmnist cifar10 cifar10_small plot test gpu_data
+.PHONY: help mnist fashionmnist cifar10 cifar10_small plot test gpu_data gpu_data_part_size
 
 help:
 	@echo "make mnist | fashionmnist | cifar10 | cifar10_small   train a study into results/ (SEEDS=\"$(SEEDS)\", ARGS=...)"
 	@echo "make plot                                           figures and table from results/"
 	@echo "make test                                           the test suite"
 	@echo "make gpu_data                                       pack data/ into parts for the GPU machine (README, GPU)"
+	@echo "make gpu_data_part_size                             their size in bytes: 64 MiB a call less the working tree"
 	@echo "Single runs: python train.py config/<file>.py (writes out/, git-ignored); python train.py --help"
 
 mnist fashionmnist cifar10 cifar10_small:
@@ -27,10 +28,25 @@ plot:
 test:
 	$(PYTHON) -m pytest tests
 
-# MNIST and CIFAR-10 from data/ (not FashionMNIST: no GPU run uses it) in parts of at most 48 MiB, for a machine
-# reached with 64 MiB per command (gpu.sh; results/NOTES.md, "The GPU machine"):
-# each call also carries the working tree (6.8 MB in November 2026)
-gpu_data:
+# MNIST and CIFAR-10 from data/ (not FashionMNIST: no GPU run uses it) in parts for a machine reached with 64 MiB
+# per command (gpu.sh; results/NOTES.md, "The GPU machine"). Each command also carries the working tree (tracked
+# files and untracked ones that git does not ignore: 10.3 MB in December 2026, more with each committed
+# results/**/model.pt) and SHA256SUMS, so a part is 64 MiB less the tree's size now and a margin; make refuses when
+# that leaves less than GPU_MIN_PART_MIB. `make gpu_data_part_size` prints the part size in bytes.
+GPU_CALL_MIB ?= 64
+GPU_MARGIN_MIB ?= 4
+GPU_MIN_PART_MIB ?= 8
+GPU_TREE_BYTES = $(shell git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+GPU_PART_BYTES = $(shell echo $$(( ($(GPU_CALL_MIB) - $(GPU_MARGIN_MIB)) * 1048576 - $(GPU_TREE_BYTES) )))
+
+gpu_data_part_size:
+	@if [ $(GPU_PART_BYTES) -lt $$(( $(GPU_MIN_PART_MIB) * 1048576 )) ]; then \
+		echo "error: a $(GPU_CALL_MIB) MiB GPU call less the working tree ($(GPU_TREE_BYTES) bytes) and a $(GPU_MARGIN_MIB) MiB margin leaves $(GPU_PART_BYTES) bytes for a data part, under $(GPU_MIN_PART_MIB) MiB: make the tree smaller" >&2; \
+		exit 1; \
+	fi
+	@echo $(GPU_PART_BYTES)
+
+gpu_data: gpu_data_part_size
 	rm -rf gpu_data && mkdir gpu_data
-	tar czf - -C data MNIST/raw cifar-10-batches-py | split -b 48m -d - gpu_data/part
+	tar czf - -C data MNIST/raw cifar-10-batches-py | split -b $(GPU_PART_BYTES) -d - gpu_data/part
 	cd gpu_data && sha256sum part* > SHA256SUMS && ls -l

@@ -3,9 +3,10 @@ Training-step throughput of the real model and optimizer, for a config given as 
 $ python bench.py config/cifar10_diff.py --batch_size=256
 Times forward + backward + AdamW step after warm-up for each setting: attention classic / diff, impl fused
 (scaled_dot_product_attention) / explicit (the model's matmul-softmax path, same weights), compile off / on.
-Prints a table and one JSON line per setting. With --pipeline=True it also times whole epochs of the resident
-data pipeline (data.py) against a torchvision Dataset + DataLoader with per-sample transforms, both feeding
-the same model.
+Prints a table and one JSON line per setting. On a CPU each setting is timed with the cores that other processes
+leave free, as train.py trains (its JSON line's threads; OMP_NUM_THREADS fixes the count). With --pipeline=True it
+also times whole epochs of the resident data pipeline (data.py) against a torchvision Dataset + DataLoader with
+per-sample transforms, both feeding the same model.
 """
 
 import json
@@ -40,7 +41,6 @@ num_workers = 2  # DataLoader worker processes for the torchvision pipeline
 profile = False  # also print torch.profiler's table of timed_steps whole training steps on real data, per attention
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-cpu_load = cpu_reading()
 apply_config(globals(), help_scripts=[_train_script, __file__])
 if compiles not in (True, False, 'auto'):
     sys.exit(f"error: compiles={compiles!r}: must be True, False or 'auto'")
@@ -52,6 +52,12 @@ torch.backends.cudnn.allow_tf32 = True
 spec = DATASETS[dataset]
 # dense bf16 tensor-core peak, for MFU
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12}
+# spinning OpenMP threads collapse on shared cores (results/NOTES.md, "Threads"), so the load is read over at least
+# LOAD_WINDOW_S s of each setting's own warm-up steps, before its timed steps: two benches started together see each
+# other computing, and each times with the cores the other leaves free
+adapt_threads = device_type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ
+max_threads = torch.get_num_threads()
+LOAD_WINDOW_S = 1.5
 
 
 def model_config(kind, impl=attn_impl):
@@ -94,6 +100,14 @@ def sync():
         torch.cuda.synchronize()
 
 
+def fit_threads_to_load(before):
+    threads = min(max_threads, free_cores(before, cpu_reading()))
+    if threads != torch.get_num_threads():
+        print(f"other processes leave {threads} of {max_threads} cores free: timing with {threads} "
+              f"thread{'s' * (threads > 1)}", flush=True)
+        torch.set_num_threads(threads)
+
+
 def bench_step(kind, impl, compiled):
     torch.manual_seed(0)
     model = ViT(model_config(kind, impl)).to(device)
@@ -104,11 +118,16 @@ def bench_step(kind, impl, compiled):
     y = torch.randint(0, spec['num_classes'], (batch_size,), device=device)
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
+    load = cpu_reading() if adapt_threads else None
     t0 = time.time()
     for _ in range(warmup_steps):
         step(x, y)
     sync()
     warmup_s = time.time() - t0
+    if load is not None:
+        while time.time() - load[0] < LOAD_WINDOW_S:
+            step(x, y)
+        fit_threads_to_load(load)
     t0 = time.time()
     for _ in range(timed_steps):
         step(x, y)
@@ -117,6 +136,8 @@ def bench_step(kind, impl, compiled):
     result = dict(config=config_name, attention=kind, impl=impl, compile=compiled, device=device, dtype=dtype,
                   batch_size=batch_size, img_per_s=batch_size / dt, step_ms=1000 * dt, peak_mem_mb=peak_memory_mb(device),
                   warmup_s=warmup_s, params=model.num_params(), gflops_per_img=flops_per_image(model.config) / 1e9)
+    if device_type == 'cpu':
+        result['threads'] = torch.get_num_threads()
     if peak_flops():
         result['mfu'] = result['img_per_s'] * flops_per_image(model.config) / peak_flops()
     return result
@@ -197,14 +218,20 @@ def bench_pipeline(kind):
     return results
 
 
-if device_type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ and cpu_load is not None:
-    # as train.py does: only the cores that other processes leave free (spinning threads collapse on shared cores)
-    time.sleep(max(0.0, 0.5 - (time.time() - cpu_load[0])))
-    torch.set_num_threads(min(torch.get_num_threads(), free_cores(cpu_load, cpu_reading())))
 compile_options = [False, True] if compiles == 'auto' else [compiles]
 print(f"{config_name}: {dataset}, batch {batch_size}, {device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
       f"{dtype}, torch {torch.__version__}")
-print(f"{'attention':>9} {'impl':>6} {'compile':>7} {'img/s':>10} {'step ms':>8} {'peak MB':>8} {'MFU':>6}")
+# each column as wide as its header or its widest value, so that the headers sit over the values
+COLUMNS = {'attention': max(map(len, attentions.split(','))), 'impl': max(map(len, impls.split(','))), 'compile': 5,
+           'img/s': 10, 'step ms': 8, 'peak MB': 8, 'MFU': 6}
+widths = [max(len(name), width) for name, width in COLUMNS.items()]
+
+
+def table_row(*cells):
+    return ' '.join(f"{cell:>{width}}" for cell, width in zip(cells, widths))
+
+
+print(table_row(*COLUMNS))
 results = []
 for kind in attentions.split(','):
     for impl in impls.split(','):
@@ -212,8 +239,8 @@ for kind in attentions.split(','):
             r = bench_step(kind, impl, compiled)
             results.append(r)
             mfu = f"{100 * r['mfu']:.1f}%" if 'mfu' in r else '–'
-            print(f"{kind:>9} {impl:>6} {str(compiled):>7} {r['img_per_s']:>10,.0f} {r['step_ms']:>8.2f} "
-                  f"{r['peak_mem_mb']:>8.0f} {mfu:>6}", flush=True)
+            print(table_row(kind, impl, str(compiled), f"{r['img_per_s']:,.0f}", f"{r['step_ms']:.2f}",
+                            f"{r['peak_mem_mb']:.0f}", mfu), flush=True)
 print(f"model FLOPs per training image (matmuls, fwd + bwd): "
       + ', '.join(f"{k} {flops_per_image(model_config(k)) / 1e6:.1f} M" for k in attentions.split(',')))
 for r in results:

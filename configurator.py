@@ -4,13 +4,15 @@ Overrides a script's default globals, as nanoGPT does:
 Each positional argument is a config file: trusted Python that is exec'd and may set any of the globals.
 Each --key=value sets one global; the value is parsed as a Python literal (never executed) and must have
 the type of the default. Config files apply first, in their order, then the flags, wherever they stand.
-Unknown keys and wrong types are errors that name the key (and the config file that sets it); `--key value`
-with a space, and true/false for a boolean, are errors that say what to write. A leading ~ in a *_dir value is
-expanded. --help or -h prints every setting with its value and comment, grouped as in the script: the default,
-or the value the config files and flags before or after it set, marked with where it comes from.
+Unknown keys and wrong types are errors that name the key (and the config file that sets it) and, for an
+unknown key, the nearest valid one; `--key value` with a space, and true/false for a boolean, are errors that say
+what to write. A leading ~ in a *_dir value is expanded. --help or -h prints every setting with its value and
+comment, grouped as in the script: the default, or the value the config files and flags before or after it set,
+marked with where it comes from.
 """
 
 import ast
+import difflib
 import math
 import os
 import sys
@@ -26,9 +28,11 @@ class ConfigError(ValueError):
 BOOLEAN_WORDS = ('true', 'false', 'yes', 'no', 'on', 'off', 't', 'f', 'y', 'n', '1', '0')
 
 
-def check(key, value, defaults):
+def check(key, value, defaults, flag=True):
     if key not in defaults:
-        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(defaults))}")
+        close = difflib.get_close_matches(key, defaults, n=1)
+        hint = f"did you mean {'--' if flag else ''}{close[0]}?" if close else "no setting has a similar name (--help lists them)"
+        raise ConfigError(f"unknown config key {key!r}; {hint}")
     default = defaults[key]
     # 'auto' defaults also take a bool (compile=True/False); an int is fine where a float is expected
     ok = (type(value) is type(default) or (default == 'auto' and isinstance(value, bool))
@@ -71,7 +75,7 @@ def configure(defaults, argv, sources=None):
                     continue
                 if key not in before or value != before[key]:
                     try:
-                        overrides[key] = check(key, value, defaults)
+                        overrides[key] = check(key, value, defaults, flag=False)
                     except ConfigError as e:
                         raise ConfigError(f"config file {arg!r}: {e}") from None
         else:

@@ -1,7 +1,7 @@
 """
 Datasets held whole in memory as uint8 tensors on the training device: at most 180 MB, so every epoch is
 a permutation of indices and every batch a gather, with no DataLoader workers and no PIL.
-Normalisation and augmentation run batch-wise on the device.
+Normalisation, augmentation and the test-time corruptions run batch-wise on the device.
 """
 
 import gzip
@@ -14,21 +14,33 @@ import torch
 import torch.nn.functional as F
 
 # one entry per dataset; adding a dataset is adding an entry (and, for a new file format, a reader).
-# foreground: whether dark-background "ink" patches are meaningful, i.e. whether attention focus is measured
+# foreground: whether dark-background "ink" patches are meaningful, i.e. whether attention focus is measured;
+# corruptions: the test-time corruptions of eval.py (CORRUPTIONS below)
 DATASETS = {
     'mnist': dict(
         folder='MNIST/raw', format='idx', shape=(1, 28, 28), num_classes=10, num_val=5000,
         mean=(0.1307,), std=(0.3081,), torchvision_class='MNIST', foreground=True,
+        corruptions=('gaussian', 'occlusion', 'distractors'),
+        train=('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+        test=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
+    # MNIST's digits on a 40 x 40 canvas among fragments of other digits (cluttered_mnist below); attention focus
+    # is the share of attention on the digit's own box
+    'mnist_cluttered': dict(
+        folder='MNIST/raw', format='idx', file_shape=(1, 28, 28), shape=(1, 40, 40), num_classes=10, num_val=5000,
+        mean=(0.1330,), std=(0.3132,), torchvision_class='MNIST', foreground=True,
+        corruptions=('gaussian', 'occlusion', 'distractors'),
         train=('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
         test=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
     'fashionmnist': dict(
         folder='FashionMNIST/raw', format='idx', shape=(1, 28, 28), num_classes=10, num_val=5000,
         mean=(0.5,), std=(0.5,), torchvision_class='FashionMNIST', foreground=True,
+        corruptions=('gaussian', 'occlusion', 'distractors'),
         train=('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
         test=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
     'cifar10': dict(
         folder='cifar-10-batches-py', format='cifar', shape=(3, 32, 32), num_classes=10, num_val=5000,
         mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), torchvision_class='CIFAR10', foreground=False,
+        corruptions=('gaussian', 'occlusion', 'distractors', 'blur', 'contrast'),
         train=tuple(f'data_batch_{i}' for i in range(1, 6)), test=('test_batch',)),
 }
 SPLIT_SEED = 42  # the train/val split is the same for every run and every seed
@@ -62,9 +74,10 @@ def read_split(spec, root, files):
     else:
         images, labels = zip(*[read_cifar_batch(os.path.join(root, f)) for f in files])
         images, labels = torch.cat(images), torch.cat(labels)
-    if images.shape[1:] != spec['shape'] or len(images) != len(labels):
+    shape = spec.get('file_shape', spec['shape'])
+    if images.shape[1:] != shape or len(images) != len(labels):
         raise ValueError(f"{root}: images of shape {tuple(images.shape)} with {len(labels)} labels, "
-                         f"expected (N, {', '.join(map(str, spec['shape']))}) with N labels")
+                         f"expected (N, {', '.join(map(str, shape))}) with N labels")
     return images, labels
 
 
@@ -84,9 +97,23 @@ def gunzip_missing(root, files):
                                     f"decompress it yourself: gunzip -k {path}.gz") from None
 
 
+def import_torchvision():
+    """torchvision, or one clear error where it does not match torch: a CPU torch beside a CUDA torchvision (pip pairs
+    them when one index is unreachable) fails with "operator torchvision::nms does not exist"."""
+    try:
+        import torchvision
+    except Exception as e:
+        from importlib.metadata import version
+        raise ImportError(f"torchvision {version('torchvision')} does not load beside torch {torch.__version__} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0]}): torch and torchvision must come from the "
+                          "same index, e.g. pip install torch torchvision --index-url "
+                          "https://download.pytorch.org/whl/cpu") from None
+    return torchvision
+
+
 def download(name, data_dir):
     """Fetches the dataset with torchvision's checksummed downloader, into the layout read_split expects."""
-    import torchvision
+    torchvision = import_torchvision()
     getattr(torchvision.datasets, DATASETS[name]['torchvision_class'])(data_dir, train=True, download=True)
 
 
@@ -101,6 +128,8 @@ def load_dataset(name, data_dir, device='cpu'):
     if not all(os.path.exists(os.path.join(root, f)) for f in expected):
         try:
             download(name, data_dir)
+        except ImportError as e:  # not a download problem: say what is wrong with the installation
+            raise FileNotFoundError(f"{name} is not in {root}/ and cannot be downloaded: {e}") from None
         except Exception as e:
             reason = ' '.join(str(e).split())  # torchvision's messages span lines
             raise FileNotFoundError(
@@ -111,10 +140,53 @@ def load_dataset(name, data_dir, device='cpu'):
     x_test, y_test = read_split(spec, root, spec['test'])
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(SPLIT_SEED))
     train_idx, val_idx = perm[:len(x_train) - spec['num_val']], perm[len(x_train) - spec['num_val']:]
+    if name == 'mnist_cluttered':  # each canvas from the digits of its own file: test from t10k
+        (x_train, train_boxes), (x_test, test_boxes) = cluttered_mnist(x_train, 0), cluttered_mnist(x_test, 1)
+        boxes = {'train': train_boxes[train_idx], 'val': train_boxes[val_idx], 'test': test_boxes}
     splits = {'train': (x_train[train_idx], y_train[train_idx]),
               'val': (x_train[val_idx], y_train[val_idx]),
               'test': (x_test, y_test)}
-    return {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
+    splits = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
+    if name == 'mnist_cluttered':
+        splits['boxes'] = {k: b.to(device) for k, b in boxes.items()}
+    return splits
+
+
+CLUTTER_SEED = 7  # with the file (0: train, 1: t10k), fixes every canvas
+
+
+def cluttered_mnist(digits, file_index, canvas=40, fragment=8, fragments=(4, 8)):
+    """
+    Cluttered MNIST (Mnih et al. 2014, "Recurrent Models of Visual Attention"): each 28 x 28 digit at a random place
+    on a canvas x canvas field, over 4 to 8 fragments of fragment x fragment pixels cut from the centres of other
+    digits of the same file, placed at random; pixels combine by maximum. The same for every run (CLUTTER_SEED).
+    Returns the uint8 canvases (N, 1, canvas, canvas) and each digit's box, the bounding box of its ink on the
+    canvas: (N, 4) int64 rows [top, left, bottom, right), bottom and right exclusive.
+    """
+    rng = np.random.default_rng([CLUTTER_SEED, file_index])
+    src = digits[:, 0].numpy()
+    n, size = len(src), src.shape[-1]
+    out = np.zeros((n, canvas, canvas), dtype=np.uint8)
+    rows = np.arange(n)[:, None, None]
+    span = np.arange(fragment)
+    count = rng.integers(fragments[0], fragments[1] + 1, n)
+    for j in range(fragments[1]):
+        other = (np.arange(n) + rng.integers(1, n, n)) % n  # never the image's own digit
+        sy, sx = rng.integers(4, size - fragment - 4 + 1, (2, n))  # from the digit's centre, where the ink is
+        cy, cx = rng.integers(0, canvas - fragment + 1, (2, n))
+        piece = src[other[:, None, None], (sy[:, None] + span)[:, :, None], (sx[:, None] + span)[:, None, :]]
+        piece = piece * (j < count)[:, None, None].astype(np.uint8)
+        at = (rows, (cy[:, None] + span)[:, :, None], (cx[:, None] + span)[:, None, :])
+        out[at] = np.maximum(out[at], piece)
+    py, px = rng.integers(0, canvas - size + 1, (2, n))
+    span = np.arange(size)
+    at = (rows, (py[:, None] + span)[:, :, None], (px[:, None] + span)[:, None, :])
+    out[at] = np.maximum(out[at], src)
+    ink_rows, ink_cols = src.any(axis=2), src.any(axis=1)  # (N, 28) each
+    top, bottom = ink_rows.argmax(1), size - ink_rows[:, ::-1].argmax(1)
+    left, right = ink_cols.argmax(1), size - ink_cols[:, ::-1].argmax(1)
+    boxes = np.stack([py + top, px + left, py + bottom, px + right], axis=1)
+    return torch.from_numpy(out).unsqueeze(1), torch.from_numpy(boxes).long()
 
 
 def normalize(x, name):
@@ -141,6 +213,15 @@ def foreground_patches(x, patch_size):
     in the same row-major order as the patch embedding."""
     means = F.avg_pool2d(x.float().mean(dim=1, keepdim=True), patch_size).flatten(1)
     return means > FOREGROUND_THRESHOLD * 255
+
+
+def box_patches(boxes, image_size, patch_size):
+    """Boxes (B, 4) [top, left, bottom, right) in pixels -> (B, num_patches) bool: patches whose centre lies in the
+    box, in the patch embedding's row-major order."""
+    centres = torch.arange(image_size // patch_size, device=boxes.device) * patch_size + (patch_size - 1) / 2
+    inside_rows = (centres >= boxes[:, 0:1]) & (centres < boxes[:, 2:3])  # (B, grid)
+    inside_cols = (centres >= boxes[:, 1:2]) & (centres < boxes[:, 3:4])
+    return (inside_rows[:, :, None] & inside_cols[:, None, :]).flatten(1)
 
 
 # -----------------------------------------------------------------------------
@@ -250,3 +331,80 @@ def augment_batch(x, policy):
     if policy == 'randaugment':
         return rand_augment(random_flip(random_crop(x, 4)))
     return x
+
+
+# -----------------------------------------------------------------------------
+# test-time corruptions (eval.py), batch-wise on the device; images are float in [0, 1] and stay in [0, 1]. Every
+# random choice is drawn once for the whole test set from a fixed seed (noise_draws), so an image's corruption depends
+# on its index alone: every run of a dataset sees the same corrupted test set, at any batch size. The severities of a
+# kind share their draws (the same noise, scaled; 10% of the patches are among the 25%), so that they nest.
+
+CORRUPTIONS = {  # kind -> severities, mildest first
+    'gaussian': (0.05, 0.1, 0.2, 0.3, 0.5),  # σ of added N(0, σ²) noise
+    'occlusion': (0.1, 0.25, 0.5),  # share of the patches blanked to the dataset's mean colour
+    'distractors': (0.1, 0.25, 0.5),  # share of the patches replaced by the same patch of test images of other classes
+    'blur': (0.5, 1.0, 1.5),  # σ in pixels of a Gaussian blur
+    'contrast': (0.5, 0.3, 0.15),  # factor that scales each image about its mean
+}
+NOISE_SEED = 1234
+
+
+def noise_draws(y, shape, patch_size, seed=NOISE_SEED):
+    """The random choices of every corruption for a whole test set of labels y and images of shape (C, H, W):
+    unit Gaussian noise per pixel, a rank per patch (the lowest-ranked share of the patches is hit), and for each
+    patch the index of a test image of another class to take it from."""
+    g = torch.Generator().manual_seed(seed)
+    n, num_patches = len(y), (shape[1] // patch_size) * (shape[2] // patch_size)
+    gauss = torch.randn((n, *shape), generator=g)
+    rank = torch.rand(n, num_patches, generator=g).argsort(dim=1).argsort(dim=1)
+    labels = y.cpu()
+    source = torch.randint(0, n, (n, num_patches), generator=g)
+    clash = labels[source] == labels[:, None]
+    while clash.any():  # redraw the patches that would come from an image of the same class
+        source[clash] = torch.randint(0, n, (int(clash.sum()),), generator=g)
+        clash = labels[source] == labels[:, None]
+    return {k: v.to(y.device) for k, v in dict(gauss=gauss, rank=rank, source=source).items()}
+
+
+def patch_mask(rank, share, patch_size, image_size):
+    """(B, P) ranks -> (B, 1, H, W) bool: the pixels of the round(share * P) lowest-ranked patches."""
+    grid = image_size // patch_size
+    hit = (rank < round(share * rank.size(1))).view(-1, 1, grid, grid)
+    return hit.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
+
+
+def gaussian_blur(x, sigma):
+    radius = math.ceil(3 * sigma)
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype) / sigma) ** 2)
+    taps = taps / taps.sum()
+    C = x.size(1)
+    x = F.pad(x, (radius,) * 4, mode='reflect')
+    x = F.conv2d(x, taps.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)  # rows, then columns: separable
+    return F.conv2d(x, taps.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+def corrupt(x_all, idx, kind, severity, draws, patch_size, dataset):
+    """Test images x_all[idx] (uint8, the whole test set in x_all) corrupted by one kind at one severity: float in [0, 1]."""
+    x = x_all[idx].float() / 255
+    image_size = x.size(-1)
+    if kind == 'gaussian':
+        x = x + severity * draws['gauss'][idx]
+    elif kind == 'occlusion':
+        mean = torch.tensor(DATASETS[dataset]['mean'], device=x.device).view(1, -1, 1, 1)
+        x = torch.where(patch_mask(draws['rank'][idx], severity, patch_size, image_size), mean, x)
+    elif kind == 'distractors':
+        B, C, H, W = x.shape
+        grid = H // patch_size
+        # every test image as (N, P, C, p, p) patches; take patch k of image source[i, k] for patch k of image i
+        patches = x_all.view(-1, C, grid, patch_size, grid, patch_size).permute(0, 2, 4, 1, 3, 5).flatten(1, 2)
+        source = patches[draws['source'][idx], torch.arange(grid * grid, device=x.device)].float() / 255
+        source = source.view(B, grid, grid, C, patch_size, patch_size).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        x = torch.where(patch_mask(draws['rank'][idx], severity, patch_size, image_size), source, x)
+    elif kind == 'blur':
+        x = gaussian_blur(x, severity)
+    elif kind == 'contrast':
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = mean + severity * (x - mean)
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")
+    return x.clamp(0, 1)

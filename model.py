@@ -18,6 +18,12 @@ from torch.nn import functional as F
 
 @dataclass
 class ViTConfig:
+    """
+    n_head counts heads of width d = n_embd / n_head, and means per attention kind (ATTENTIONS):
+        classic  n_head heads of width d
+        diff     n_head / 2 differential heads, each with two query/key groups of width d and a value of width 2d
+        diff2    n_head heads, each with two queries that share one key and one value of width d
+    """
     image_size: int = 28
     in_channels: int = 1
     num_classes: int = 10
@@ -27,13 +33,13 @@ class ViTConfig:
     n_embd: int = 64
     mlp_dim: int = 128
     dropout: float = 0.0
-    attention: str = 'diff'  # 'classic', 'diff' or 'diff2'
+    attention: str = 'diff'  # a key of ATTENTIONS
     qk_norm: bool = False  # RMSNorm (learned gain) on every query and key head before the dot product
     attn_impl: str = 'auto'  # 'fused' (scaled_dot_product_attention), 'explicit', or 'auto': fused on CUDA only
 
     def __post_init__(self):
-        if self.attention not in ('classic', 'diff', 'diff2'):
-            raise ValueError(f"attention={self.attention!r}: must be 'classic', 'diff' or 'diff2'")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r}: must be one of {', '.join(ATTENTIONS)}")
         if self.attn_impl not in ('auto', 'fused', 'explicit'):
             raise ValueError(f"attn_impl={self.attn_impl!r}: must be 'auto', 'fused' or 'explicit'")
         if self.image_size % self.patch_size:
@@ -232,6 +238,10 @@ class DiffAttentionV2(nn.Module):
         return self.proj(y), att
 
 
+# the attention kinds, by ViTConfig.attention
+ATTENTIONS = {'classic': Attention, 'diff': DiffAttention, 'diff2': DiffAttentionV2}
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -250,8 +260,7 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        attention = {'classic': Attention, 'diff': DiffAttention, 'diff2': DiffAttentionV2}[config.attention]
-        self.attn = attention(config, layer_idx)
+        self.attn = ATTENTIONS[config.attention](config, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)

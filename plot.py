@@ -1,16 +1,26 @@
 """
-Figures and the results table from every run under a results folder:
+Figures and the results tables from every run under a results folder:
 $ python plot.py results/
 Reads each <run_name>/seed<seed>/metrics.json (and attention.npz beside it), groups the runs by study, dataset and
 run_name, aggregates the seeds (mean ± std) and writes, per study and dataset, <dataset>_val_loss.png,
-<dataset>_val_acc.png and <dataset>_attention.png, plus README.md with the results tables, which it also prints.
+<dataset>_val_acc.png, <dataset>_attention.png (with the digit's box on each image where attention.npz has `boxes`)
+and, where runs were evaluated under corruptions (metrics.json's "noise", from eval.py), <dataset>_noise.png, plus
+README.md with the results tables, which it also prints.
 A study is the folder that holds the <run_name> folders: the results folder itself, or a subfolder of it such as
 results/gpu_NVIDIA_H200/, whose runs get their own tables and figures (in that subfolder) and are never pooled with
-the others. The seeds of one run_name in one study must share every result-changing setting, compared as it resolved
-on the run's machine (device, dtype, compile and attn_impl 'auto' equal what they became), and a run of unknown
-precision never pools with one of known precision; runs that differ, and a copy of a run (the same seed twice), are
-an error, never mixed. run_name = <dataset>_<variant>, variant one of VARIANTS; each variant is compared with vit, and
-the differential ones also with balanced (Welch's t-test, p Holm-corrected over every test of the study and dataset).
+the others. A learning-rate sweep is one study whose runs lie in lr<rate>/ folders (<study>/lr1e-3/<run_name>/seed0/):
+per run_name it tables and plots (<dataset>_lr_sweep.png) the final validation accuracy at each rate and chooses the
+rate of the highest mean (never on test accuracy); everything else of the study is made from each run_name's runs at
+its chosen rate. The seeds of one run_name in one study (at one rate) must share every result-changing setting,
+compared as it resolved on the run's machine (device, dtype, compile and attn_impl 'auto' equal what they became), and
+a run of unknown precision never pools with one of known precision; runs that differ, and a copy of a run (the same
+seed twice), are an error, never mixed. A run that stopped on a non-finite loss (metrics.json's "failures", its "test"
+null) is counted on its row, never dropped; an unfinished run is skipped.
+Comparisons: a study's *_vit runs (classic attention, no qk_norm) are its baselines; every other run is compared with
+them, and a run whose attention is not classic also with *_balanced and with a classic run of its parameter count
+(within 1%), where the two runs' settings agree apart from
+ATTENTION_KEYS and RECIPE_KEYS (the recipe keys in which they differ are named on the line; any other difference is
+named instead of a test). Welch's t-test, p Holm-corrected over every test of the study and dataset.
 Precision and epochs are named on every row and legend where the runs of a study and dataset differ in them, else
 once under the heading. Only the repository's own results/ folder gets the old project's published table beside ours.
 """
@@ -19,22 +29,28 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 from collections import defaultdict
 
 import numpy as np
 import matplotlib
 matplotlib.use('Agg')
+import matplotlib.colors
+import matplotlib.patches
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
-# run_name = <dataset>_<variant>: classic, classic with twice the heads, differential, Differential Transformer V2,
-# and differential / classic with qk_norm
-VARIANTS = ('vit', 'balanced', 'diff', 'diff2', 'diffqk', 'vitqk')
+# run_name = <dataset>_<variant>. The colours of the known variants, in the order of tables and legends: classic,
+# classic with twice the heads, differential, Differential Transformer V2, and differential / classic with qk_norm;
+# any other variant gets one of the tab10 colours these leave free
 COLORS = {'vit': 'tab:blue', 'balanced': 'tab:green', 'diff': 'tab:red', 'diff2': 'tab:purple', 'diffqk': 'tab:orange',
           'vitqk': 'tab:cyan'}
-BASELINES = {'balanced': ('vit',), 'diff': ('vit', 'balanced'), 'diff2': ('vit', 'balanced'),
-             'diffqk': ('vit', 'balanced'), 'vitqk': ('vit',)}  # what comparison() tests each variant against
+# settings in which two runs may differ and still be compared: the attention itself, and the recipe a study may choose
+# per variant (each comparison line names these where they differ)
+ATTENTION_KEYS = ('attention', 'n_head', 'qk_norm', 'attn_impl')
+RECIPE_KEYS = ('learning_rate', 'min_lr', 'mlp_dim')
+RATE_FOLDER = re.compile(r'lr(\d+(?:\.\d+)?(?:e[-+]?\d+)?)')  # a sweep's folder of one learning rate, e.g. lr4e-3
 REQUIRED = ('run', 'seed', 'dataset', 'config', 'params', 'history', 'test', 'images_per_s', 'device')
 # config keys that cannot change a result (train.py's RESULT_NEUTRAL_KEYS) and the seed: the seeds of one run may differ there
 POOLED_KEYS = ('seed', 'out_dir', 'data_dir', 'log_interval', 'init_from', 'eval_only', 'overwrite')
@@ -44,6 +60,14 @@ CLASS_NAMES = {
 }
 # validation accuracies whose time to reach the table reports (a budget question only where they take a while)
 VAL_ACC_MARKS = {'cifar10': (0.7, 0.8)}
+# the numbers a comparison tests: (stat key, scale, name)
+TESTS = (('test_acc', 100, 'test acc (points)'), ('test_loss', 1, 'test loss'), ('val_loss', 1, 'val loss'),
+         ('attn_focus', 1, 'attention focus'), ('attn_logits.top1', 1, 'largest |attention logit|'),
+         ('activations.top1', 1, 'largest |activation|'), ('noise_mean', 100, 'mean noise acc (points)'),
+         ('noise_relative', 1, 'relative noise acc (mean / clean)'))
+# the figures of a section, in the report's order, and their alt texts
+FIGURES = {'lr_sweep': 'learning-rate sweep', 'val_loss': 'validation loss', 'val_acc': 'validation accuracy',
+           'attention': 'attention maps', 'noise': 'accuracy under noise'}
 # the repository's own results folder: the only one whose README gets the old project's table
 OWN_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 # the project NanoDiffVision replaces, as it published them: single seeds, and its parameter counts were wrong
@@ -61,8 +85,10 @@ def fail(message):
 
 
 def load_runs(folder):
-    """{(study, dataset): {run_name: [metrics of each seed, by seed]}} for the finished runs under folder; study is
-    the path from folder to the folder holding <run_name>/seed<seed>/, '.' for folder itself."""
+    """{(study, dataset): {run_name: [metrics of each run, by learning rate and seed]}} for the finished and the failed
+    runs under folder; study is the path from folder to the folder holding <run_name>/seed<seed>/ (or a sweep's
+    lr<rate>/ folders), '.' for folder itself. Each metrics dict gets 'path' (its folder) and 'sweep' (whether it lies
+    in an lr<rate>/ folder)."""
     paths = sorted(glob.glob(os.path.join(folder, '**', 'metrics.json'), recursive=True))
     if not paths:
         fail(f"no metrics.json under {folder}/: train some runs first, e.g. python train.py config/mnist_diff.py")
@@ -76,30 +102,37 @@ def load_runs(folder):
                 raise ValueError(f"missing keys {missing}")
         except (ValueError, OSError) as e:
             fail(f"{path} is not a valid metrics.json ({e})")
-        if m['test'] is None:
+        if m['test'] is None and not m.get('failures'):
             print(f"skipping {path}: the run has not finished")
             continue
         m['path'] = os.path.dirname(path)
         parts = os.path.relpath(m['path'], folder).split(os.sep)
-        study = os.path.join(*parts[:-2]) if len(parts) > 2 else '.'
+        rate_folder = RATE_FOLDER.fullmatch(parts[-3]) if len(parts) > 2 else None
+        if rate_folder and not math.isclose(float(rate_folder[1]), rate(m)):
+            fail(f"{path} lies in {parts[-3]}/ but its learning_rate is {rate(m)!r}: move it to the folder of its rate")
+        m['sweep'] = rate_folder is not None
+        study = os.path.normpath(os.path.join('.', *parts[:-3 if m['sweep'] else -2]))
         runs[study, m['dataset']][m['run']].append(m)
     if not runs:
         fail(f"no finished run under {folder}/")
-    runs = {k: {r: sorted(ms, key=lambda m: m['seed']) for r, ms in by_run.items()} for k, by_run in runs.items()}
+    runs = {k: dict(by_run) for k, by_run in runs.items()}
     for by_run in runs.values():
+        sweep = is_sweep(by_run)
         for run, ms in by_run.items():
+            ms.sort(key=lambda m: (rate(m), m['seed']))
             for a, b in zip(ms, ms[1:]):
-                if a['seed'] == b['seed']:
+                if (rate(a), a['seed']) == (rate(b), b['seed']):
                     fail(f"{run} seed {a['seed']} is in both {a['path']} and {b['path']}: a copy of a run is not "
                          "another seed; move one away")
             first = settings(ms[0])
             for m in ms[1:]:
                 other = settings(m)
-                # an unknown precision beside a known one: the check below says what to do about it
-                differences = [f"{k} ({first.get(k)!r} vs {other.get(k)!r})" for k in sorted(set(first) | set(other))
-                               if first.get(k) != other.get(k) and not (k == 'precision' and None in (first[k], other[k]))]
-                if differences:
-                    fail(f"the runs of {run} in {ms[0]['path']} and {m['path']} differ in {', '.join(differences)}: "
+                # an unknown precision beside a known one: the check below says what to do about it; a sweep's runs
+                # of one run_name differ in their learning rate
+                diffs = {k: v for k, v in differences(first, other).items()
+                         if not (k == 'precision' and None in v) and not (sweep and k == 'learning_rate')}
+                if diffs:
+                    fail(f"the runs of {run} in {ms[0]['path']} and {m['path']} differ in {described(diffs)}: "
                          "move one away or give it another run_name")
             known, unknown = [m for m in ms if precision(m)], [m for m in ms if not precision(m)]
             if known and unknown:
@@ -107,6 +140,24 @@ def load_runs(folder):
                      "(precision unknown: dtype 'auto', from before metrics.json recorded what it resolved to) cannot "
                      "pool: add \"precision\" to its metrics.json where it is documented, or move one away")
     return runs
+
+
+def is_sweep(by_run):
+    return any(m['sweep'] for ms in by_run.values() for m in ms)
+
+
+def finished(ms):
+    return [m for m in ms if m['test'] is not None]
+
+
+def rate(m):
+    return m['config']['learning_rate']
+
+
+def rate_name(lr):
+    """4e-3 for 0.004, as a sweep's folders name it."""
+    mantissa, exponent = f"{lr:e}".split('e')
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def precision(m):
@@ -131,12 +182,30 @@ def settings(m):
     return s
 
 
+def differences(a, b):
+    """{key: (a's value, b's value)} for the keys in which two settings differ."""
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def described(diffs):
+    return ', '.join(f"{k} ({x!r} vs {y!r})" for k, (x, y) in diffs.items())
+
+
 def variant(run_name):
     return run_name.rsplit('_', 1)[-1]
 
 
-def ordered(by_run):
-    return sorted(by_run, key=lambda r: (VARIANTS.index(variant(r)) if variant(r) in VARIANTS else 99, r))
+def ordered(runs):
+    """Run names in the order of COLORS' variants, then any other by name."""
+    order = list(COLORS)
+    return sorted(runs, key=lambda r: (order.index(variant(r)) if variant(r) in order else len(order), r))
+
+
+def colours(runs):
+    """{run: colour}: COLORS' by variant, and the tab10 colours those leave free, in turn, for the others by name."""
+    free = [c for c in matplotlib.colors.TABLEAU_COLORS if c not in COLORS.values()]
+    others = sorted(r for r in runs if variant(r) not in COLORS)
+    return {r: COLORS[variant(r)] if variant(r) in COLORS else free[others.index(r) % len(free)] for r in runs}
 
 
 def setup(m):
@@ -152,8 +221,13 @@ def run_tags(by_run):
     return {r: [p, f"{epochs} ep"] if mixed else [] for r, (p, epochs) in setups.items()}
 
 
-def label(run, tags):
-    return f"{run} ({', '.join(tags[run])})" if tags[run] else run
+def label(run, tags, *more):
+    parts = tags.get(run, []) + list(more)
+    return f"{run} ({', '.join(parts)})" if parts else run
+
+
+def seeds(n):
+    return f"{n} seed{'s' * (n != 1)}"
 
 
 def mean_std(values, digits):
@@ -161,6 +235,11 @@ def mean_std(values, digits):
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"  # one seed: no spread to report
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def cell(values, digits):
+    """mean_std, or '–' where a run lacks the number (NaN)."""
+    return '–' if np.isnan(values).any() else mean_std(values, digits)
 
 
 def welch(a, b):
@@ -178,25 +257,92 @@ def welch(a, b):
 
 
 def stat(m, key):
-    """One number of a run; NaN where the run does not have it (attention focus on CIFAR-10, outliers of old runs)."""
+    """One number of a run; NaN where the run does not have it (attention focus on CIFAR-10, outliers of old runs,
+    clean training accuracy and noise of runs older than what measures them)."""
     if key.startswith(('attn_logits', 'activations')):  # e.g. 'attn_logits.top1'
         kind, which = key.split('.')
         return m['outliers'][kind][which] if 'outliers' in m else float('nan')
-    return {'val_loss': m['history'][-1]['val_loss'], 'test_loss': m['test']['loss'], 'test_acc': m['test']['acc'],
-            'attn_focus': m.get('attn_focus', float('nan'))}[key]
+    if key.startswith('noise'):
+        if 'noise' not in m:
+            return float('nan')
+        return m['noise']['mean'] / m['noise']['clean'] if key == 'noise_relative' else m['noise']['mean']
+    last = m['history'][-1]
+    return {'val_loss': last['val_loss'], 'val_acc': last['val_acc'],
+            'train_clean_acc': last.get('train_clean_acc', float('nan')), 'test_loss': m['test']['loss'],
+            'test_acc': m['test']['acc'], 'attn_focus': m.get('attn_focus', float('nan'))}[key]
+
+
+def chosen_rates(by_run):
+    """{run: the learning rate of its highest mean final validation accuracy} over each run's finished runs (never on
+    test accuracy; the lowest rate of a tie)."""
+    chosen = {}
+    for run, ms in by_run.items():
+        done = finished(ms)
+        rates = sorted({rate(m) for m in done})
+        if rates:
+            chosen[run] = max(rates, key=lambda r: np.mean([stat(m, 'val_acc') for m in done if rate(m) == r]))
+    return chosen
+
+
+def sweep_table(by_run, chosen):
+    """Per run_name its final validation accuracy at each learning rate (seeds, failed runs) and the rate chosen."""
+    rates = sorted({rate(m) for ms in by_run.values() for m in ms})
+    lines = ["| model | " + ''.join(f"lr {rate_name(r)} | " for r in rates) + "chosen lr |",
+             "|" + "---|" * (len(rates) + 2)]
+    for run in ordered(by_run):
+        cells = []
+        for r in rates:
+            at = [m for m in by_run[run] if rate(m) == r]
+            done = finished(at)
+            text = [f"{mean_std([100 * stat(m, 'val_acc') for m in done], 2)} ({seeds(len(done))})"] if done else []
+            cells.append(', '.join(text + ([f"{len(at) - len(done)} failed"] if len(at) > len(done) else [])) or '–')
+        tried = sorted({rate(m) for m in by_run[run]})
+        if run not in chosen:
+            choice = '– (no finished run)'
+        else:
+            choice = rate_name(chosen[run]) + (' (at the edge: add the next rate out)'
+                                               if chosen[run] in (tried[0], tried[-1]) else '')
+        lines.append(f"| {run} | " + ' | '.join(cells) + f" | {choice} |")
+    return lines
+
+
+def sweep_figure(dataset, by_run, path):
+    """Final validation accuracy against learning rate, one line per run_name: the mean over its seeds at each rate,
+    ± 1 std where it has several."""
+    rates = sorted({rate(m) for ms in by_run.values() for m in finished(ms)})
+    colour = colours(by_run)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for run in ordered(by_run):
+        points = [(r, [stat(m, 'val_acc') for m in finished(by_run[run]) if rate(m) == r]) for r in rates]
+        points = [(r, accs) for r, accs in points if accs]
+        if not points:
+            continue
+        x, accs = zip(*points)
+        ax.errorbar(x, [np.mean(a) for a in accs], yerr=[np.std(a, ddof=1) if len(a) > 1 else np.nan for a in accs],
+                    color=colour[run], marker='o', capsize=3, label=run)
+    ax.set_xscale('log')
+    ax.set_xticks(rates, [rate_name(r) for r in rates])
+    ax.minorticks_off()
+    ax.set_xlabel('learning rate')
+    ax.set_ylabel('final validation accuracy')
+    ax.set_title(f"{dataset}: learning-rate sweep (mean ± 1 std over seeds where several)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def curve_figure(dataset, by_run, tags, key, ylabel, path):
+    colour = colours(by_run)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for run in ordered(by_run):
         curves = np.array([[h[key] for h in m['history']] for m in by_run[run]])  # same epochs: load_runs checks
         epochs = np.arange(1, curves.shape[1] + 1)
         mean = curves.mean(0)
         std = curves.std(0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
-        color = COLORS.get(variant(run))
-        seeds = f"{len(curves)} seed{'s' * (len(curves) > 1)}"
-        ax.plot(epochs, mean, color=color, label=f"{run} ({', '.join(tags[run] + [seeds])})")
-        ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.25, linewidth=0)
+        ax.plot(epochs, mean, color=colour[run], label=label(run, tags, seeds(len(curves))))
+        ax.fill_between(epochs, mean - std, mean + std, color=colour[run], alpha=0.25, linewidth=0)
     ax.set_xlabel('epoch')
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
@@ -212,7 +358,8 @@ def curve_figure(dataset, by_run, tags, key, ylabel, path):
 def attention_figure(dataset, by_run, tags, path, n_images=8):
     """The same test images; per variant (its lowest seed) the CLS token's last-layer attention over the patches,
     averaged over heads, on the image. The classic rows share one colour scale; the signed maps of differential
-    attention (diff, diff2) share a diverging one, symmetric about zero."""
+    attention (any attention but classic) share a diverging one, symmetric about zero. Where attention.npz has
+    `boxes` (mnist_cluttered), each image's digit box is outlined on every panel of it."""
     samples = {r: np.load(os.path.join(by_run[r][0]['path'], 'attention.npz')) for r in ordered(by_run)
                if os.path.exists(os.path.join(by_run[r][0]['path'], 'attention.npz'))}
     if not samples:
@@ -223,7 +370,7 @@ def attention_figure(dataset, by_run, tags, path, n_images=8):
     for run, sample in samples.items():
         grid = int(math.isqrt(sample['cls_attn'].shape[-1]))
         maps[run] = sample['cls_attn'][-1, :n_images].mean(axis=1).reshape(-1, grid, grid)
-    signed = {r: by_run[r][0]['config']['attention'] in ('diff', 'diff2') for r in maps}
+    signed = {r: by_run[r][0]['config']['attention'] != 'classic' for r in maps}
     limits = {s: max((np.abs(m).max() for r, m in maps.items() if signed[r] == s), default=1.0) for s in (False, True)}
     names = CLASS_NAMES.get(dataset)
     fig, axes = plt.subplots(len(samples) + 1, n_images, figsize=(1.5 * n_images, 1.6 * (len(samples) + 1)),
@@ -244,6 +391,11 @@ def attention_figure(dataset, by_run, tags, path, n_images=8):
         axes[i, 0].set_ylabel('\n'.join([variant(run), f"seed {by_run[run][0]['seed']}"] + tags[run]
                                         + ['(signed)'] * signed[run]), fontsize=9)
         fig.colorbar(shown, ax=axes[i, :].tolist(), fraction=0.02, pad=0.01)
+    if 'boxes' in first.files:  # [row0, col0, row1, col1) in pixels; a pixel c spans c - 0.5 to c + 0.5
+        for j, (row0, col0, row1, col1) in enumerate(first['boxes'][:n_images]):
+            for ax in axes[:, j]:
+                ax.add_patch(matplotlib.patches.Rectangle((col0 - 0.5, row0 - 0.5), col1 - col0, row1 - row0,
+                                                          fill=False, edgecolor='lime', linewidth=0.8))
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -251,6 +403,44 @@ def attention_figure(dataset, by_run, tags, path, n_images=8):
     fig.savefig(path, dpi=110, bbox_inches='tight')
     plt.close(fig)
     return True
+
+
+def noise_levels(by_run):
+    """{corruption: its severities, in the order metrics.json lists them (increasing severity)} over the runs."""
+    levels = {}
+    for run in ordered(by_run):
+        for m in by_run[run]:
+            for corruption, accs in m.get('noise', {}).get('accuracy', {}).items():
+                levels[corruption] = list(dict.fromkeys(levels.get(corruption, []) + list(accs)))
+    return levels
+
+
+def noise_figure(dataset, by_run, tags, path):
+    """One panel per corruption: test accuracy clean (x = 0) and at each severity (categorical, as listed), one line
+    per run (over its seeds that have noise: mean ± 1 std where several)."""
+    levels = noise_levels(by_run)
+    colour = colours(by_run)
+    fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.6), sharey=True, squeeze=False)
+    for ax, (corruption, severities) in zip(axes[0], levels.items()):
+        x = np.arange(len(severities) + 1)
+        for run in ordered(by_run):
+            ms = [m for m in by_run[run] if 'noise' in m]
+            if not ms:
+                continue
+            accs = np.array([[m['noise']['clean']] + [m['noise']['accuracy'].get(corruption, {}).get(s, np.nan)
+                                                      for s in severities] for m in ms])
+            ax.errorbar(x, accs.mean(0), yerr=accs.std(0, ddof=1) if len(ms) > 1 else None, color=colour[run],
+                        marker='o', markersize=3, capsize=2, label=label(run, tags, seeds(len(ms))))
+        ax.set_xticks(x, ['clean'] + severities)
+        ax.set_xlabel('severity')
+        ax.set_title(corruption, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel('test accuracy')
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{dataset}: test accuracy under corruptions (mean ± 1 std over seeds where several)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def minutes_to(ms, acc):
@@ -262,23 +452,35 @@ def minutes_to(ms, acc):
     return mean_std(reached, 1) + ('' if len(reached) == len(ms) else f" ({len(reached)} of {len(ms)} seeds)")
 
 
-def dataset_table(dataset, by_run, tags):
+def failed_cell(ms, failed):
+    """A row's failed runs of all its runs, and its finished runs that were resumed by hand after a failure."""
+    resumed = sum(bool(m.get('failures')) for m in ms)
+    return ((f"{len(failed)} of {len(ms) + len(failed)}" if failed else '0')
+            + (f"; {resumed} resumed after a failure" if resumed else ''))
+
+
+def dataset_table(dataset, by_run, failed, tags):
+    """One row per run_name: its finished runs' numbers, and a row of '–' for a run_name whose runs all failed."""
     marks = VAL_ACC_MARKS.get(dataset, ())
-    lines = ["| model | params | val loss | test loss | test acc (%) | attention focus | seeds | s/epoch | min per run | "
-             + ''.join(f"min to {100 * acc:.0f}% val | " for acc in marks) + "img/s | device |",
-             "|" + "---|" * (11 + len(marks))]
-    for run in ordered(by_run):
-        ms = by_run[run]
-        focus = [stat(m, 'attn_focus') for m in ms]
-        lines.append(f"| {label(run, tags)} | {ms[0]['params']:,} | {mean_std([stat(m, 'val_loss') for m in ms], 4)} | "
-                     f"{mean_std([stat(m, 'test_loss') for m in ms], 4)} | "
-                     f"{mean_std([100 * stat(m, 'test_acc') for m in ms], 2)} | "
-                     f"{mean_std(focus, 3) if not np.isnan(focus).any() else '–'} | {len(ms)} | "
-                     f"{np.mean([m['history'][-1]['time_s'] / len(m['history']) for m in ms]):.1f} | "
-                     f"{mean_std([m['train_time_s'] / 60 for m in ms], 1)} | "
-                     + ''.join(f"{minutes_to(ms, acc)} | " for acc in marks) +
-                     f"{np.mean([m['images_per_s'] for m in ms]):,.0f} | "
-                     f"{', '.join(sorted({m['device'] for m in ms}))} |")
+    header = (['model', 'params', 'val loss', 'test loss', 'test acc (%)', 'train acc (clean, %)', 'attention focus',
+               'seeds', 'failed', 's/epoch', 'min per run'] + [f"min to {100 * acc:.0f}% val" for acc in marks]
+              + ['img/s', 'device'])
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for run in ordered(set(by_run) | {r for r, ms in failed.items() if ms}):
+        ms = by_run.get(run, [])
+        if not ms:
+            cells = ['–'] * 6 + ['0', failed_cell(ms, failed[run])] + ['–'] * (len(header) - 9)
+        else:
+            cells = ([f"{ms[0]['params']:,}", mean_std([stat(m, 'val_loss') for m in ms], 4),
+                      mean_std([stat(m, 'test_loss') for m in ms], 4),
+                      mean_std([100 * stat(m, 'test_acc') for m in ms], 2),
+                      cell([100 * stat(m, 'train_clean_acc') for m in ms], 2),
+                      cell([stat(m, 'attn_focus') for m in ms], 3), str(len(ms)), failed_cell(ms, failed.get(run, [])),
+                      f"{np.mean([m['history'][-1]['time_s'] / len(m['history']) for m in ms]):.1f}",
+                      mean_std([m['train_time_s'] / 60 for m in ms], 1)] + [minutes_to(ms, acc) for acc in marks]
+                     + [f"{np.mean([m['images_per_s'] for m in ms]):,.0f}",
+                        ', '.join(sorted({m['device'] for m in ms}))])
+        lines.append(f"| {label(run, tags)} | " + ' | '.join(cells) + ' |')
     return lines
 
 
@@ -297,6 +499,26 @@ def outlier_table(by_run, tags):
     return lines
 
 
+def noise_table(by_run, tags):
+    """Per run, over its seeds that have noise: clean and mean noise accuracy, their ratio, and each corruption's mean
+    over its severities."""
+    levels = noise_levels(by_run)
+    runs = [r for r in ordered(by_run) if any('noise' in m for m in by_run[r])]
+    if not runs:
+        return []
+    lines = ["| model | clean acc (%) | mean noise acc (%) | relative (mean / clean) | "
+             + ''.join(f"{c} (%) | " for c in levels) + "seeds |", "|" + "---|" * (len(levels) + 5)]
+    for run in runs:
+        ms = [m for m in by_run[run] if 'noise' in m]
+        corruptions = [cell([100 * np.mean(list(m['noise']['accuracy'][c].values())) if c in m['noise']['accuracy']
+                             else np.nan for m in ms], 2) for c in levels]
+        lines.append(f"| {label(run, tags)} | {mean_std([100 * m['noise']['clean'] for m in ms], 2)} | "
+                     f"{mean_std([100 * stat(m, 'noise_mean') for m in ms], 2)} | "
+                     f"{mean_std([stat(m, 'noise_relative') for m in ms], 3)} | "
+                     + ''.join(f"{c} | " for c in corruptions) + f"{len(ms)} |")
+    return lines
+
+
 def holm(ps):
     """Holm-Bonferroni adjusted p-values, in the order given: the k-th smallest of m times (m - k + 1), capped at 1
     and never below the one before it."""
@@ -307,23 +529,49 @@ def holm(ps):
     return adjusted
 
 
+def comparable(a, b):
+    """How the settings of two runs differ: ({recipe key: values}, {any other key: values}); they are compared only
+    where the second is empty (the attention keys, and run_name, may always differ)."""
+    diffs = differences(settings(a), settings(b))
+    recipe = {k: v for k, v in diffs.items() if k in RECIPE_KEYS}
+    other = {k: v for k, v in diffs.items() if k not in RECIPE_KEYS + ATTENTION_KEYS + ('run_name',)}
+    return recipe, other
+
+
 def comparison(by_run, tags):
-    """Each variant against its BASELINES: the difference of means, whether it exceeds 2 std, and Welch's t-test,
-    whose p is Holm-corrected over every test here (the family: one study and dataset); the verdict uses that p."""
+    """Every run against the study's baselines, its *_vit runs (classic attention, no qk_norm), and a run whose
+    attention is not classic also against its *_balanced runs and any classic run of its parameter count (a control
+    such as cifar10_small_vit351k for diff2), where comparable() allows: for each of TESTS the
+    difference of means, whether it exceeds 2 std, and Welch's t-test, whose p is Holm-corrected over every test here
+    (the family: one study and dataset); the verdict uses that p."""
+    classic = [r for r in ordered(by_run) if by_run[r][0]['config']['attention'] == 'classic'
+               and not settings(by_run[r][0])['qk_norm']]
+    vits = [r for r in classic if r.endswith('_vit')]
     rows = []  # (line up to its verdict, raw p), p None where there is no test
     for run in ordered(by_run):
-        for other in (r for r in ordered(by_run) if variant(r) in BASELINES.get(variant(run), ())):
-            a, b = by_run[run], by_run[other]
+        if run in vits:
+            continue
+        a = by_run[run]
+        # a differential run also against balanced, and against a classic control of its parameter count (within 1%)
+        controls = [r for r in classic if r not in vits and (r.endswith('_balanced') or
+                    abs(by_run[r][0]['params'] - a[0]['params']) <= 0.01 * a[0]['params'])]
+        for other in vits + (controls if a[0]['config']['attention'] != 'classic' else []):
+            b = by_run[other]
             pair = f"{label(run, tags)} vs {label(other, tags)}"
+            recipe, rest = comparable(a[0], b[0])
+            if rest:
+                rows.append((f"- {pair}: not compared: differ in {described(rest)}", None))
+                continue
+            if recipe:
+                pair += f" (also differs in {described(recipe)})"
             if min(len(a), len(b)) < 2:
                 rows.append((f"- {pair}: needs at least 2 seeds each for a test", None))
                 continue
-            for key, scale, name in (('test_acc', 100, 'test acc (points)'), ('test_loss', 1, 'test loss'),
-                                     ('val_loss', 1, 'val loss'), ('attn_focus', 1, 'attention focus'),
-                                     ('attn_logits.top1', 1, 'largest |attention logit|'),
-                                     ('activations.top1', 1, 'largest |activation|')):
+            for key, scale, name in TESTS:
                 xa, xb = [scale * stat(m, key) for m in a], [scale * stat(m, key) for m in b]
-                if np.isnan(xa).any() or np.isnan(xb).any():
+                if key.startswith('noise'):  # runs older than eval.py have none: the seeds that have it
+                    xa, xb = [x for x in xa if not math.isnan(x)], [x for x in xb if not math.isnan(x)]
+                if min(len(xa), len(xb)) < 2 or np.isnan(xa).any() or np.isnan(xb).any():
                     continue
                 delta = np.mean(xa) - np.mean(xb)
                 spread = max(np.std(xa, ddof=1), np.std(xb, ddof=1))
@@ -351,36 +599,70 @@ def main(folder):
     report = ["# Results", "",
               f"Generated by `python plot.py {folder}` from every `metrics.json` below this folder. Mean ± sample std "
               "over seeds. Losses include label smoothing 0.1, as the old project's did. Val loss is the last "
-              "epoch's; test numbers are the final model's. Attention focus: the share of the CLS token's "
-              "last-layer attention mass (|weights|, mean over heads) on foreground patches of the test set; CIFAR-10 "
-              "has no foreground mask, so it has no focus (–). Outliers (the DIFF paper's Table 5): the largest, "
-              "10th largest and median |value| over the test set of the attention logits before each softmax "
-              "(QKᵀ/√d) and of the residual stream (every block's output). Comparisons: each variant against vit, "
-              "and the differential ones (diff, diff2, diffqk) also against balanced: the difference of means and "
-              "Welch's t-test, whose p is given raw and Holm–Bonferroni corrected (Holm p) over its family, every "
-              "test of one section (one study and dataset); the verdict, significant at 0.05 or not, uses Holm p. "
-              "Precision and epochs: under a section's heading where its runs agree on them, else on every row and "
-              "legend.", ""]
+              "epoch's; test numbers are the final model's. Train acc (clean): the last epoch's accuracy on a fixed, "
+              "un-augmented subset of 5,000 training images (not the running mean over the augmented batches); – for "
+              "runs from before it was measured. Failed: the runs of a row that stopped on a non-finite loss, of all "
+              "its runs (a row whose runs all failed has no numbers), and its finished runs resumed by hand after a "
+              "failure. Attention focus: the share of the CLS token's last-layer attention mass (|weights|, mean over "
+              "heads) on foreground patches of the test set (mnist_cluttered: on the patches inside the digit's box, "
+              "which its attention maps outline); CIFAR-10 has no foreground mask, so it has no focus (–). Outliers "
+              "(the DIFF paper's Table 5): the largest, 10th largest and median |value| over the test set of the "
+              "attention logits before each softmax (QKᵀ/√d) and of the residual stream (every block's output). "
+              "Noise (eval.py): test accuracy under each corruption at each severity; mean noise acc is the mean over "
+              "every (corruption, severity) cell, relative is mean / clean, a corruption's column its mean over its "
+              "severities; runs from before eval.py are left out of it. Learning-rate sweeps (a study of lr<rate>/ "
+              "folders): per run_name the final validation accuracy at each rate; the rate of the highest mean is "
+              "chosen (test accuracy plays no part), flagged where it is the lowest or highest tried, and the rest of "
+              "the section is made from each run_name's runs at its chosen rate, named on its row. Comparisons: a "
+              "study's vit (classic attention, no qk_norm) is the baseline of every other run, and a run whose "
+              "attention is not classic is also compared with balanced and with a classic run of its parameter count "
+              "(within 1%, e.g. vit351k for diff2); two runs are compared only where their "
+              f"settings agree apart from the attention ({', '.join(ATTENTION_KEYS)}) and the recipe a study may "
+              f"choose per variant ({', '.join(RECIPE_KEYS)}: named on the line where they differ), else the line "
+              "says in what they differ. Each comparison: the difference of means and Welch's t-test, whose p is "
+              "given raw and Holm–Bonferroni corrected (Holm p) over its family, every test of one section (one study "
+              "and dataset: accuracy, losses, focus, outliers and noise together); the verdict, significant at 0.05 "
+              "or not, uses Holm p. Precision and epochs: under a section's heading where its runs agree on them, "
+              "else on every row and legend.", ""]
     written = []
     for study, dataset in sorted(runs, key=lambda k: (k[0] != '.', k)):  # the folder's own runs first
-        by_run = runs[study, dataset]
-        tags = run_tags(by_run)
+        everything = runs[study, dataset]
         figure = {kind: os.path.normpath(os.path.join(study, f'{dataset}_{kind}.png'))  # relative to folder
-                  for kind in ('val_loss', 'val_acc', 'attention')}
-        for key, ylabel in (('val_loss', 'validation loss'), ('val_acc', 'validation accuracy')):
-            written.append(os.path.join(folder, figure[key]))
-            curve_figure(dataset, by_run, tags, key, ylabel, written[-1])
-        has_attention = attention_figure(dataset, by_run, tags, os.path.join(folder, figure['attention']))
-        if has_attention:
-            written.append(os.path.join(folder, figure['attention']))
+                  for kind in FIGURES}
+        made = []  # the figures of this section, in FIGURES' order
         report += [f"## {dataset}" + ('' if study == '.' else f" ({study}/)"), ""]
-        if not any(tags.values()):  # the runs agree: say it once
+        sweep, chosen = [], {}
+        if is_sweep(everything):
+            chosen = chosen_rates(everything)
+            sweep = (["Learning-rate sweep: final validation accuracy (%), mean ± std over seeds; the chosen rate has "
+                      "the highest mean:", ""] + sweep_table(everything, chosen)
+                     + ["", "At each run_name's chosen rate:", ""])
+            if chosen:
+                sweep_figure(dataset, everything, os.path.join(folder, figure['lr_sweep']))
+                made.append('lr_sweep')
+            everything = {r: [m for m in ms if rate(m) == chosen[r]] if r in chosen else ms
+                          for r, ms in everything.items()}
+        by_run = {r: finished(ms) for r, ms in everything.items() if finished(ms)}
+        failed = {r: [m for m in ms if m['test'] is None] for r, ms in everything.items()}
+        tags = run_tags(by_run)
+        if by_run and not any(tags.values()):  # the runs agree: say it once
             shared_precision, epochs = setup(next(iter(by_run.values()))[0])
             report += [f"{shared_precision}, {epochs} epochs", ""]
-        report += dataset_table(dataset, by_run, tags) + [""]
-        outliers = outlier_table(by_run, tags)
-        if outliers:
-            report += ["Outliers:", ""] + outliers + [""]
+        if chosen:  # each row at its own rate
+            tags = {r: [f"lr {rate_name(chosen[r])}"] + t for r, t in tags.items()}
+        report += sweep + dataset_table(dataset, by_run, failed, tags) + [""]
+        if by_run:
+            for key, ylabel in (('val_loss', 'validation loss'), ('val_acc', 'validation accuracy')):
+                curve_figure(dataset, by_run, tags, key, ylabel, os.path.join(folder, figure[key]))
+                made.append(key)
+        if attention_figure(dataset, by_run, tags, os.path.join(folder, figure['attention'])):
+            made.append('attention')
+        if noise_levels(by_run):
+            noise_figure(dataset, by_run, tags, os.path.join(folder, figure['noise']))
+            made.append('noise')
+        for title, table in (('Outliers:', outlier_table(by_run, tags)), ('Noise:', noise_table(by_run, tags))):
+            if table:
+                report += [title, ""] + table + [""]
         comparisons = comparison(by_run, tags)
         if comparisons:
             report += comparisons + [""]
@@ -390,11 +672,8 @@ def main(folder):
                        "| model | params (as published) | val loss | test loss | test acc (%) |", "|---|---|---|---|---|"]
             report += [f"| {n} | {p} | {vl:.3f} | {tl:.3f} | {100 * a:.2f} |" for n, p, vl, tl, a in OLD_TABLE[dataset]]
             report.append("")
-        report += [f"![{dataset} validation loss]({figure['val_loss']})",
-                   f"![{dataset} validation accuracy]({figure['val_acc']})"]
-        if has_attention:
-            report.append(f"![{dataset} attention maps]({figure['attention']})")
-        report.append("")
+        written += [os.path.join(folder, figure[kind]) for kind in made]
+        report += [f"![{dataset} {FIGURES[kind]}]({figure[kind]})" for kind in made] + [""]
     text = '\n'.join(report)
     with open(os.path.join(folder, 'README.md.tmp'), 'w') as f:
         f.write(text)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Works through a queue of training runs, a file of lines "<out_dir> <train.py arguments>", in order. A finished run
 # (its metrics.json has a test result) is skipped, and so is a failed one (its metrics.json records "failures", e.g. a
-# non-finite loss); a run with a checkpoint is resumed, a run that another worker is training is left to it. So
-# several workers can share one queue (two on 2 cores: train.py then gives each one
-# thread), and a queue stopped at any moment (Ctrl-C, SIGTERM, a machine that goes away) goes on where it was when
-# started again. Each run's output goes to <out_dir>/train.log. A worker reads its queue as it goes: to change a
-# queue, stop its workers (their runs save) and start them again.
+# non-finite loss: never retried silently); a run with a checkpoint is resumed, a run that another worker is training
+# is left to it. So several workers can share one queue (two on 2 cores: train.py then gives each one thread), and a
+# queue stopped at any moment (Ctrl-C, SIGTERM, a machine that goes away) goes on where it was when started again.
+# Each run's output goes to <out_dir>/train.log. A worker reads its queue as it goes: to change a queue, stop its
+# workers (their runs save) and start them again.
 #   bash queue.sh queue/cpu.txt                                   one worker
 #   bash queue.sh queue/cpu.txt & bash queue.sh queue/cpu.txt &   two
 #   PLAN=1 bash queue.sh queue/cpu.txt                            what a worker would do now, without doing it

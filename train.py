@@ -3,8 +3,9 @@ Trains a ViT (classic, differential or differential V2 attention) on MNIST, Fash
 
 Single process (writes out/mnist_diff/seed1/; python train.py --help lists every setting):
 $ python train.py config/mnist_diff.py --epochs=3 --seed=1
-Continue it if it was interrupted, or evaluate it: the same config file and flags, and
-$ python train.py config/mnist_diff.py --epochs=3 --seed=1 --init_from=resume [--eval_only=True]
+Continue it if it was interrupted: the same config file and flags, and
+$ python train.py config/mnist_diff.py --epochs=3 --seed=1 --init_from=resume
+Analyse a trained run again (test, outliers, attention, noise): python eval.py out/mnist_diff/seed1
 Data parallel, e.g. 4 GPUs on one node (batch_size is the global batch, split across the ranks):
 $ torchrun --standalone --nproc_per_node=4 train.py config/cifar10_diff.py
 """
@@ -32,8 +33,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config, cpu_reading, free_cores, peak_memory_mb, resolve_auto
-from data import AUGMENTATIONS, DATASETS, augment_batch, batches, foreground_patches, load_dataset, normalize
-from model import ViT, ViTConfig, attention_focus
+from data import AUGMENTATIONS, DATASETS, augment_batch, batches, load_dataset, normalize
+from eval import analyse, evaluate, model_config, write_atomic
+from model import ViT
 
 # -----------------------------------------------------------------------------
 # default config values: the MNIST diff run (identical to config/mnist_diff.py)
@@ -41,7 +43,6 @@ from model import ViT, ViTConfig, attention_focus
 run_name = ''  # default: the config file's name (mnist_diff), or <dataset>_<attention> without one
 out_dir = ''  # default: out/<run_name>/seed<seed> (git-ignored); the studies in the Makefile write to results/
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt): give the run's config file and flags again
-eval_only = False  # with init_from='resume': evaluate the checkpoint on val and test, then exit
 overwrite = False  # True: replace the run already in out_dir; without it a run never starts over another
 log_interval = 100  # steps between progress lines
 # data
@@ -83,7 +84,7 @@ run_name = run_name or (os.path.splitext(os.path.basename(config_files[-1]))[0] 
                         else f'{dataset}_{attention}')
 out_dir = out_dir or os.path.join('out', run_name, f'seed{seed}')
 # settings that cannot change a run's result: a resumed run may change them, plot.py pools runs that differ in them
-RESULT_NEUTRAL_KEYS = ('out_dir', 'data_dir', 'log_interval', 'init_from', 'eval_only', 'overwrite')
+RESULT_NEUTRAL_KEYS = ('out_dir', 'data_dir', 'log_interval', 'init_from', 'eval_only', 'overwrite')  # eval_only: older checkpoints' setting
 
 
 def fail(message):
@@ -97,8 +98,6 @@ if augment not in AUGMENTATIONS:
     fail(f"augment={augment!r}: must be one of {', '.join(AUGMENTATIONS)}")
 if init_from not in ('scratch', 'resume'):
     fail(f"init_from={init_from!r}: must be 'scratch' or 'resume'")
-if eval_only and init_from != 'resume':
-    fail("eval_only=True evaluates a saved checkpoint: add --init_from=resume")
 for key, value, ok, rule in [('learning_rate', learning_rate, learning_rate > 0, '> 0'),
                              ('epochs', epochs, epochs >= 1, '>= 1'),
                              ('batch_size', batch_size, batch_size >= 1, '>= 1'),
@@ -116,14 +115,11 @@ if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
     fail(f"dtype={dtype!r}: must be 'auto', 'float32', 'bfloat16' or 'float16'")
 if compile not in (True, False, 'auto'):
     fail(f"compile={compile!r}: must be True, False or 'auto'")
-spec = DATASETS[dataset]
+config = {k: globals()[k] for k in config_keys}
 try:
-    model_args = ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
-                           patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_dim=mlp_dim,
-                           dropout=dropout, attention=attention, qk_norm=qk_norm, attn_impl=attn_impl)
+    model_args = model_config(config)
 except ValueError as e:
     fail(e)
-config = {k: globals()[k] for k in config_keys}
 
 # distributed set-up: torchrun sets RANK; each rank trains on its shard, rank 0 alone prints and writes
 ddp = 'RANK' in os.environ
@@ -148,7 +144,7 @@ autocast = (nullcontext() if dtype == 'float32'
 log = print if master else (lambda *args, **kwargs: None)
 
 # out_dir: one run at a time (a lock file for the run's life), never over another run unless asked; all of it
-# before the data loads, so a mistake costs seconds
+# before the data loads, so a mistake costs seconds. A run that stops before it trains leaves no folder behind.
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 metrics_path = os.path.join(out_dir, 'metrics.json')
 attention_path = os.path.join(out_dir, 'attention.npz')
@@ -191,9 +187,23 @@ def take_lock():
     fail(f"{out_dir} is in use: another run took {lock_path} over at the same moment")
 
 
-if master and not eval_only:
+def remove_if_empty(folders):
+    for folder in folders:  # deepest first; stops at the first that holds something
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+        else:
+            return
+
+
+if master:
+    new_folders = []  # the folders this run creates, deepest first
+    folder = os.path.abspath(out_dir)
+    while not os.path.isdir(folder):
+        new_folders.append(folder)
+        folder = os.path.dirname(folder)
     try:
         os.makedirs(out_dir, exist_ok=True)
+        atexit.register(remove_if_empty, new_folders)  # runs after take_lock's removal of the lock (atexit is LIFO)
         take_lock()
     except OSError as e:
         fail(f"cannot write to out_dir {os.path.abspath(out_dir)}: {e.strerror}")
@@ -263,7 +273,11 @@ if init_from == 'resume':
     torch.set_rng_state(checkpoint['rng_cpu'])
     if device_type == 'cuda' and 'rng_cuda' in checkpoint:
         torch.cuda.set_rng_state(checkpoint['rng_cuda'])
-    log(f"resuming {ckpt_path} at epoch {state['epoch'] + 1}, step {state['step']}")
+    if state['epoch'] >= epochs:
+        log(f"{out_dir} is finished ({state['epoch']} of {epochs} epochs): nothing to train; evaluating it again and "
+            "rewriting its metrics.json, attention.npz and model.pt (python eval.py does that alone)")
+    else:
+        log(f"resuming {ckpt_path} at epoch {state['epoch'] + 1}, step {state['step']}")
 raw_model = model
 if use_compile:
     model = torch.compile(model)
@@ -294,6 +308,17 @@ if adapt_threads:
     fit_threads_to_load()
 log(f"{epochs} epochs of {steps_per_epoch} steps, batch {batch_size}, warmup {warmup_steps} steps "
     f"({warmup_steps / steps_per_epoch:.2g} epochs), lr {learning_rate:g} -> {min_lr:g}")
+# a model sized for a GPU (config/cifar10_*.py) takes days on a CPU: say so, and what CPUs run instead
+gpu_sized_on_cpu = device_type == 'cpu' and raw_model.num_params() > 1_000_000
+if gpu_sized_on_cpu:
+    log(f"note: {raw_model.num_params() / 1e6:.1f}M parameters is a GPU config; on a CPU run "
+        f"config/cifar10_small_*.py (0.3M) instead. The time this run takes follows at the first progress line")
+
+
+def duration(seconds):
+    """47h10m, 12m05s or 40s."""
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def get_lr(step):
@@ -301,73 +326,6 @@ def get_lr(step):
         return learning_rate * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def evaluate(split, focus=False):
-    """Loss (with the training label smoothing, as the old project reported it) and accuracy on a split; with
-    focus=True also the last layer's mean attention focus, in the same pass."""
-    x, y = splits[split]
-    model.eval()
-    sums = torch.zeros(3, device=device)
-    for idx in batches(len(x), 1000, device):
-        with autocast:
-            if focus:
-                logits, maps = raw_model(normalize(x[idx], dataset), return_attn=True)
-                sums[2] += attention_focus(maps[-1][:, :, 0, 1:], foreground_patches(x[idx], patch_size)).sum()
-            else:
-                logits = model(normalize(x[idx], dataset))
-        sums[0] += F.cross_entropy(logits.float(), y[idx], label_smoothing=label_smoothing, reduction='sum')
-        sums[1] += (logits.argmax(1) == y[idx]).sum()
-    model.train()
-    loss, correct, focus_sum = sums.tolist()
-    return loss / len(x), correct / len(x), focus_sum / len(x) if focus else None
-
-
-@torch.no_grad()
-def attention_sample():
-    """The CLS row of every layer's attention for the first 16 test images, the same for every run of a dataset."""
-    x, y = splits['test']
-    raw_model.eval()
-    with autocast:
-        _, maps = raw_model(normalize(x[:16], dataset), return_attn=True)
-    return dict(images=x[:16].cpu().numpy(), labels=y[:16].cpu().numpy(), patch_size=np.array(patch_size),
-                cls_attn=torch.stack([m[:, :, 0, 1:] for m in maps]).float().cpu().numpy())  # (L, 16, heads, P)
-
-
-@torch.no_grad()
-def outlier_stats(bins=14_000):
-    """The DIFF paper's outlier table (its Table 5) for this model over the test set: the largest, the 10th largest
-    and the median |value| of the attention logits before each softmax (QKᵀ/√d; both maps of a diff head) and of the
-    residual stream (every block's output). The medians come from a histogram of log10|value| in bins of 0.001."""
-    x = splits['test'][0]
-    raw_model.eval()
-    top = {'attn_logits': torch.zeros(0), 'activations': torch.zeros(0)}
-    histograms = {key: torch.zeros(bins, dtype=torch.float64) for key in top}
-    for idx in batches(len(x), 250, device):
-        with autocast:
-            for layer in raw_model.activations(normalize(x[idx], dataset)):
-                for key, values in zip(top, layer):
-                    values = values.float().abs().flatten()
-                    top[key] = torch.cat([top[key], values.topk(10).values.cpu()]).topk(10).values
-                    histograms[key] += torch.histc(values.clamp_min(1e-8).log10(), bins, -8, 6).double().cpu()
-    raw_model.train()
-    stats = {}
-    for key, histogram in histograms.items():
-        median_bin = torch.searchsorted(histogram.cumsum(0), histogram.sum() / 2).item()
-        stats[key] = dict(top1=top[key][0].item(), top10=top[key][9].item(), median=10 ** (-8 + 14 * (median_bin + 0.5) / bins))
-    return stats
-
-
-def write_atomic(path, write):
-    """Writes to a temporary file of this process and renames it, so a crash at any moment leaves the old file
-    intact."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint():
@@ -389,13 +347,6 @@ def save_metrics(test=None, **final):
         metrics['failures'] = failures
     metrics.update({k: v for k, v in final.items() if v is not None})  # attn_focus, outliers: after the last epoch
     write_atomic(metrics_path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
-
-
-if eval_only:
-    (val_loss, val_acc, _), (test_loss, test_acc, focus) = evaluate('val'), evaluate('test', focus=spec['foreground'])
-    log(json.dumps(dict(checkpoint=ckpt_path, val_loss=val_loss, val_acc=val_acc, test_loss=test_loss, test_acc=test_acc,
-                        attn_focus=focus, outliers=outlier_stats())))
-    sys.exit(0)
 
 
 def stop_if_not_finite(epoch):
@@ -458,12 +409,16 @@ while state['epoch'] < epochs:
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
         state['step'], state['batch'] = step + 1, i + 1
         images_since_log += len(y) * world_size
-        if (step + 1) % log_interval == 0 or stop_signal is not None:
+        # a progress line every log_interval steps, or 30 s, whichever comes first
+        if (step + 1) % log_interval == 0 or time.time() - t_log >= 30 or stop_signal is not None:
             stop_if_not_finite(epoch)
             dt = time.time() - t_log
-            steps_left = total_steps - step - 1
+            seconds_per_step = dt / images_since_log * batch_size
             log(f"epoch {epoch + 1}/{epochs} | step {step + 1}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                f"{images_since_log / dt:,.0f} img/s | ETA {steps_left * dt / images_since_log * batch_size:.0f}s")
+                f"{images_since_log / dt:,.0f} img/s | ETA {duration((total_steps - step - 1) * seconds_per_step)}")
+            if gpu_sized_on_cpu:
+                log(f"note: at this rate all {epochs} epochs take {duration(total_steps * seconds_per_step)} on this CPU")
+                gpu_sized_on_cpu = False
             t_log, images_since_log = time.time(), 0
         if stop_signal is not None:
             state['epoch_sums'] = epoch_sums.tolist()
@@ -480,8 +435,8 @@ while state['epoch'] < epochs:
     train_loss_sum, train_correct, n = epoch_sums.tolist()
     state['train_time'] += time.time() - t_epoch
     state['train_images'] += (steps_per_epoch - first_batch) * batch_size
-    val_loss, val_acc, _ = evaluate('val')
-    _, train_clean_acc, _ = evaluate('train_clean')
+    val_loss, val_acc, _ = evaluate(model, *splits['val'], dataset, autocast, label_smoothing)
+    _, train_clean_acc, _ = evaluate(model, *splits['train_clean'], dataset, autocast, label_smoothing)
     state['elapsed'] = time.time() - start
     epoch_row = dict(epoch=epoch + 1, step=state['step'], lr=get_lr(state['step'] - 1), train_loss=train_loss_sum / n,
                      train_acc=train_correct / n, train_clean_acc=train_clean_acc, val_loss=val_loss, val_acc=val_acc,
@@ -496,19 +451,14 @@ while state['epoch'] < epochs:
         save_checkpoint()
         save_metrics()
 
-test_loss, test_acc, focus = evaluate('test', focus=spec['foreground'])
-if master:
-    sample = attention_sample()
+if master:  # the analyses of eval.py: test, outliers, attention sample, noise
+    log(f"trained {state['elapsed']:.0f}s, {state['train_images'] / max(state['train_time'], 1e-9):,.0f} img/s")
+    results, sample = analyse(raw_model, splits, dataset, patch_size, autocast, label_smoothing, log=log)
     write_atomic(attention_path, lambda f: np.savez_compressed(f, **sample))
-    # the final weights alone, float32, for the analyses of eval.py; the optimizer stays in ckpt.pt
+    # the final weights alone, float32, for eval.py and anyone's new analysis; the optimizer stays in ckpt.pt
     weights = {k: v.detach().float().cpu() for k, v in raw_model.state_dict().items()}
     write_atomic(model_path, lambda f: torch.save(weights, f))
-    outliers = outlier_stats()
-    save_metrics(test=dict(loss=test_loss, acc=test_acc), attn_focus=focus, outliers=outliers)
-    log(f"test loss {test_loss:.4f} acc {test_acc:.4f}" + (f" | attention focus {focus:.4f}" if focus is not None else "")
-        + f" | {state['elapsed']:.0f}s, {state['train_images'] / state['train_time']:,.0f} img/s")
-    log("outliers (top-1 / top-10 / median of |x|): " + ', '.join(
-        f"{key} {o['top1']:.1f} / {o['top10']:.1f} / {o['median']:.3f}" for key, o in outliers.items()))
+    save_metrics(**results)
     log(f"wrote {metrics_path}, {attention_path}, {model_path}, {ckpt_path}")
 if ddp:
     dist.destroy_process_group()

@@ -1,24 +1,98 @@
 import json
+import re
+
+import pytest
 
 from conftest import run_forked
 
 STEP_KEYS = {'config', 'attention', 'impl', 'compile', 'device', 'dtype', 'batch_size', 'img_per_s', 'step_ms',
-             'peak_mem_mb'}
+             'peak_mem_mb', 'threads'}
+TINY_BENCH = ['config/mnist_vit.py', '--device=cpu', '--n_layer=1', '--n_embd=32', '--mlp_dim=64', '--batch_size=32',
+              '--warmup_steps=1', '--timed_steps=2', '--compiles=False']
 
 
-def test_bench_reports_every_setting_and_both_pipelines(small_data_dir):
-    """A smoke run: the JSON lines are complete and sane. Speed itself is measured by running bench.py, not here.
-    The pipelines' epochs are of small_data_dir's 640 training images."""
-    proc = run_forked('bench.py', 'config/mnist_vit.py', f'--data_dir={small_data_dir}', '--device=cpu', '--n_layer=1',
-                      '--n_embd=32', '--mlp_dim=64', '--batch_size=32', '--warmup_steps=1', '--timed_steps=2',
-                      '--compiles=False', '--pipeline=True', '--num_workers=0', check=False)
+@pytest.fixture(scope='module')
+def smoke_run(small_data_dir):
+    """Every attention and impl, and both pipelines, on small_data_dir's 640 training images."""
+    proc = run_forked('bench.py', *TINY_BENCH, f'--data_dir={small_data_dir}', '--pipeline=True', '--num_workers=0',
+                      check=False)
     assert proc.returncode == 0, proc.stderr
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+    return proc.stdout
+
+
+def test_bench_reports_every_setting_and_both_pipelines(smoke_run):
+    """A smoke run: the JSON lines are complete and sane. Speed itself is measured by running bench.py, not here."""
+    lines = [json.loads(line) for line in smoke_run.splitlines() if line.startswith('{')]
     steps = [r for r in lines if 'impl' in r]
     assert {(r['attention'], r['impl']) for r in steps} == {(a, i) for a in ('classic', 'diff', 'diff2') for i in ('fused', 'explicit')}
     assert all(STEP_KEYS <= set(r) and r['img_per_s'] > 0 and r['peak_mem_mb'] > 0 and r['batch_size'] == 32 for r in steps)
+    assert all(r['threads'] == 1 for r in steps)  # OMP_NUM_THREADS=1 (the tests' environment) fixes the count
+    assert 'cores free' not in smoke_run
     pipelines = [r for r in lines if 'pipeline' in r]
     assert sorted((r['attention'], r['pipeline']) for r in pipelines) == [(a, p) for a in ('classic', 'diff', 'diff2')
                                                                           for p in ('dataloader', 'resident')]
     assert all(r['epoch_s'] > 0 and r['img_per_s'] > 0 for r in pipelines)
-    assert 'FLOPs per training image' in proc.stdout
+    assert 'FLOPs per training image' in smoke_run
+
+
+def test_bench_table_headers_sit_over_their_columns(smoke_run):
+    """Every cell of the table ends where its header ends (right-aligned), 'explicit' and 'fused' rows alike."""
+    lines = smoke_run.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ['attention', 'impl'])
+    names = ['attention', 'impl', 'compile', 'img/s', 'step ms', 'peak MB', 'MFU']
+    ends = [lines[header].index(name) + len(name) for name in names]
+    rows = lines[header + 1:header + 7]
+    assert sorted(row.split()[1] for row in rows) == ['explicit'] * 3 + ['fused'] * 3
+    for row in rows:
+        assert [m.end() for m in re.finditer(r'\S+', row)] == ends, '\n'.join([lines[header], row])
+
+
+# bench.py with a fake /proc/stat (configurator.cpu_reading) on a machine of 2 cores: another process keeps one core
+# busy during the first 4 readings, then none. The first argument is OMP_NUM_THREADS ('' for none); the torch thread
+# count starts as a fresh process's would; the readings' times are printed at the end.
+FAKE_LOAD = r"""
+import json, os, runpy, sys, time
+import configurator, torch
+readings = []
+
+
+def cpu_reading():
+    now, own = time.time(), sum(os.times()[:2])
+    others = 1.0 if len(readings) < 4 else 0.0
+    readings.append(now)
+    return now, others * now + own, own
+
+
+configurator.cpu_reading = cpu_reading
+os.sched_getaffinity = lambda pid: {0, 1}
+omp = sys.argv.pop(1)
+if omp:
+    os.environ['OMP_NUM_THREADS'] = omp
+else:
+    del os.environ['OMP_NUM_THREADS']
+torch.set_num_threads(int(omp or 2))
+sys.argv[0] = 'bench.py'
+runpy.run_path('bench.py', run_name='__main__')
+print('readings', json.dumps(readings))
+"""
+
+
+@pytest.mark.parametrize('omp', ['', '2'])
+def test_bench_fits_its_threads_to_the_load_before_each_timing(tmp_path, omp):
+    """Two benches started together must not time with spinning threads on shared cores: each setting reads the load
+    over its warm-up (1.5 s at least) and times with the cores that other processes leave free, logging each change in
+    one line. OMP_NUM_THREADS fixes the count: no reading then."""
+    script = tmp_path / 'fake_load.py'
+    script.write_text(FAKE_LOAD)
+    proc = run_forked(str(script), omp, *TINY_BENCH, '--impls=explicit')
+    lines = proc.stdout.splitlines()
+    rows = [json.loads(line) for line in lines if line.startswith('{')]
+    readings = json.loads(next(line for line in lines if line.startswith('readings '))[len('readings '):])
+    changes = [line for line in lines if 'cores free' in line]
+    if omp:
+        assert [r['threads'] for r in rows] == [2, 2, 2] and not readings and not changes
+        return
+    assert [r['attention'] for r in rows] == ['classic', 'diff', 'diff2'] and [r['threads'] for r in rows] == [1, 1, 2]
+    assert len(readings) == 6 and all(after - before >= 1.5 for before, after in zip(readings[::2], readings[1::2]))
+    assert changes == ['other processes leave 1 of 2 cores free: timing with 1 thread',
+                       'other processes leave 2 of 2 cores free: timing with 2 threads']

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import ROOT, run_train, run_train_fast, train_defaults
 from configurator import ConfigError, apply_config, configure
+from data import DATASETS
 
 DEFAULTS = train_defaults()
 
@@ -37,19 +38,27 @@ def test_home_is_expanded_in_folders():
     assert configure(DEFAULTS, ['--run_name=~x'])['run_name'] == '~x'  # not a folder
 
 
-def test_unknown_key_names_key_and_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown config key 'epoch'; valid keys: .*epochs"):
-        configure(DEFAULTS, ['--epoch=3'])
+@pytest.mark.parametrize('arg,message', [
+    ('--epoch=3', "unknown config key 'epoch'; did you mean --epochs?"),
+    ('--learnig_rate=1e-3', "unknown config key 'learnig_rate'; did you mean --learning_rate?"),
+    ('--qk_nrom=True', "unknown config key 'qk_nrom'; did you mean --qk_norm?"),
+    ('--zebra=1', "unknown config key 'zebra'; no setting has a similar name (--help lists them)"),
+])
+def test_unknown_key_suggests_the_nearest_key(arg, message):
+    with pytest.raises(ConfigError) as error:
+        configure(DEFAULTS, [arg])
+    assert str(error.value) == message
 
 
 def test_unknown_key_in_config_file(tmp_path):
     path = tmp_path / 'c.py'
     path.write_text("learnig_rate = 1e-3\n")
-    with pytest.raises(ConfigError, match="'learnig_rate'"):
+    with pytest.raises(ConfigError) as error:
         configure(DEFAULTS, [str(path)])
+    assert str(error.value) == f"config file {str(path)!r}: unknown config key 'learnig_rate'; did you mean learning_rate?"
 
 
-@pytest.mark.parametrize('arg', ['--epochs=3.5', '--epochs=ten', '--compile=1', '--learning_rate=True', '--eval_only=true',
+@pytest.mark.parametrize('arg', ['--epochs=3.5', '--epochs=ten', '--compile=1', '--learning_rate=True', '--qk_norm=true',
                                  '--overwrite=1'])
 def test_wrong_type_names_key_and_type(arg):
     key = arg[2:].split('=')[0]
@@ -90,8 +99,8 @@ def test_every_config_file_is_valid_and_variants_share_the_recipe():
     (['--n_embd=63'], 'n_embd=63 is not divisible by n_head=2'),
     (['--n_head=3', '--n_embd=48'], 'n_head=3 is odd'),
     (['--patch_size=5'], 'image_size=28 is not divisible by patch_size=5'),
-    (['--dataset=svhn'], "unknown dataset 'svhn'; known: mnist, fashionmnist, cifar10"),
-    (['--attention=linear'], "attention='linear': must be 'classic', 'diff' or 'diff2'"),
+    (['--dataset=svhn'], f"unknown dataset 'svhn'; known: {', '.join(DATASETS)}"),
+    (['--attention=linear'], "attention='linear': must be one of classic, diff, diff2"),
     (['--augment=mixup'], "augment='mixup': must be one of none, flip, crop, cropflip, randaugment"),
     (['--device=tpu'], "device='tpu': must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (['--dtype=float8'], "dtype='float8': must be"),
@@ -156,8 +165,8 @@ def test_key_without_equals_says_what_to_write(argv, message):
     assert message in str(error.value) and 'not found' not in str(error.value)
 
 
-@pytest.mark.parametrize('arg', ['--eval_only=true', '--eval_only=false', '--overwrite=TRUE', '--overwrite=yes',
-                                 '--overwrite=1', '--eval_only=0', '--compile=1'])
+@pytest.mark.parametrize('arg', ['--qk_norm=true', '--qk_norm=false', '--overwrite=TRUE', '--overwrite=yes',
+                                 '--overwrite=1', '--qk_norm=0', '--compile=1'])
 def test_boolean_words_suggest_python_literals(arg):
     with pytest.raises(ConfigError, match=r"must be of type .*; write True or False \(Python literals\)"):
         configure(DEFAULTS, [arg])
@@ -171,7 +180,7 @@ def test_no_boolean_hint_for_other_keys(arg):
 
 
 @pytest.mark.parametrize('text,key', [("learnig_rate = 1e-3\n", 'learnig_rate'), ("epochs = 2.5\n", 'epochs'),
-                                      ("eval_only = 'true'\n", 'eval_only')])
+                                      ("qk_norm = 'true'\n", 'qk_norm')])
 def test_config_file_errors_name_the_file_and_key(tmp_path, text, key):
     path = tmp_path / 'c.py'
     path.write_text(text)

@@ -73,6 +73,31 @@ def test_gpu_script_dry_run(data_dir, tmp_path):
     assert 'train.py' not in log and 'finished runs in' in log
 
 
+def make(*args):
+    return subprocess.run(['make', '-s', '--no-print-directory', *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_gpu_data_parts_fit_beside_the_working_tree():
+    """A call to the GPU machine carries the working tree (tracked files, and untracked ones git does not ignore) and
+    one part of gpu_data/ with SHA256SUMS, 64 MiB in all: `make gpu_data` cuts parts that fit beside the tree as it
+    is now, and refuses when the tree leaves less than 8 MiB. No dataset needed: make -n prints what it would run."""
+    listed = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split('\0')
+    paths = [os.path.join(ROOT, name) for name in listed if name]
+    tree = sum(os.lstat(path).st_size for path in paths if os.path.lexists(path))
+    proc = make('gpu_data_part_size')
+    assert proc.returncode == 0, proc.stderr
+    part = int(proc.stdout)
+    assert part >= 8 * 2 ** 20 and tree + part + 4096 <= 64 * 2 ** 20  # SHA256SUMS: 73 bytes a part
+    dry_run = make('-n', 'gpu_data').stdout
+    assert f' split -b {part} -d ' in dry_run
+    assert dry_run.index('exit 1') < dry_run.index('rm -rf gpu_data')  # the size is checked before gpu_data/ goes
+
+    proc = make('gpu_data_part_size', f'GPU_CALL_MIB={tree // 2 ** 20 + 11}')  # 6-7 MiB left for a part: refused
+    assert proc.returncode != 0 and proc.stderr.startswith('error: a ') and 'under 8 MiB' in proc.stderr, proc.stderr
+    assert not proc.stdout
+
+
 def test_queue_resumes_an_interrupted_run_and_skips_finished_ones(data_dir, tmp_path):
     queue = tmp_path / 'queue.txt'
     queue.write_text('\n'.join(f"{tmp_path}/runs/{name} {' '.join(TINY)} --epochs={epochs} --seed={seed}"

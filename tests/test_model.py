@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import ROOT, train_defaults
 from configurator import configure
 from data import DATASETS
-from model import ViT, ViTConfig, attention_focus, lambda_init_fn
+from model import ATTENTIONS, Attention, ViT, ViTConfig, attention_focus, lambda_init_fn
 
 
 def model_config_of(config_path):
@@ -212,12 +212,22 @@ def test_lite_parameter_counts():
     (dict(attention='diff', n_head=3, n_embd=33), 'odd'),
     (dict(n_embd=30), 'not divisible by n_head'),
     (dict(image_size=18), 'not divisible by patch_size'),
-    (dict(attention='linear'), "'classic', 'diff' or 'diff2'"),
+    (dict(attention='linear'), "attention='linear': must be one of classic, diff, diff2"),
     (dict(dropout=1.0), 'dropout'),
 ])
 def test_bad_model_config_is_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         small(kwargs.pop('attention', 'classic'), **kwargs)
+
+
+def test_one_table_names_the_attention_kinds(monkeypatch):
+    """A kind added to model.ATTENTIONS alone is built by every block and accepted by ViTConfig, whose error lists it."""
+    class Toy(Attention):
+        pass
+    monkeypatch.setitem(ATTENTIONS, 'toy', Toy)
+    assert all(type(block.attn) is Toy for block in small('toy').blocks)
+    with pytest.raises(ValueError, match="must be one of classic, diff, diff2, toy$"):
+        small('linear')
 
 
 def test_attention_focus_known_answer():

@@ -13,12 +13,16 @@ ACCS = {'vit': [0.97, 0.98, 0.99], 'balanced': [0.96, 0.96, 0.96], 'diff': [0.99
 
 
 def write_run(root, dataset, variant, seed, acc, epochs=4, attention=True, outliers=None, epoch_s=2.0, settings=None,
-              **fields):
-    """A finished run in train.py's layout; settings: config overrides, fields: metrics.json overrides."""
+              clean_acc=None, failed=None, **fields):
+    """A finished run in train.py's layout; settings: config overrides, fields: metrics.json overrides; clean_acc: the
+    last epoch's train_clean_acc (earlier epochs lower); failed: the failure it stopped on after its first epoch."""
     out = os.path.join(root, f'{dataset}_{variant}', f'seed{seed}')
     os.makedirs(out)
     history = [dict(epoch=e, step=10 * e, lr=1e-3, train_loss=1 / e, train_acc=acc - 0.1 / e, val_loss=1 / e + seed * 0.01,
                     val_acc=acc - 0.05 / e, time_s=epoch_s * e) for e in range(1, epochs + 1)]
+    if clean_acc is not None:
+        for h in history:
+            h['train_clean_acc'] = clean_acc - 0.01 * (epochs - h['epoch'])
     config = dict(epochs=epochs, seed=seed, out_dir=out, learning_rate=1e-3,
                   attention='diff2' if variant == 'diff2' else 'diff' if variant.startswith('diff') else 'classic')
     if variant.endswith('qk'):
@@ -27,6 +31,9 @@ def write_run(root, dataset, variant, seed, acc, epochs=4, attention=True, outli
     metrics = dict(run=f'{dataset}_{variant}', seed=seed, dataset=dataset, config=config, params=1000 + (variant == 'diff'),
                    history=history, test=dict(loss=1 - acc, acc=acc), best_val_loss=history[-1]['val_loss'],
                    train_time_s=8.0, images_per_s=500.0, device='cpu', torch='x', attn_focus=acc / 2)
+    if failed is not None:  # as train.py leaves it: no test, no attention sample
+        metrics.update(history=history[:1], test=None, failures=[failed])
+        attention = False
     metrics.update(fields)
     if outliers is not None:
         metrics['outliers'] = outliers
@@ -37,6 +44,20 @@ def write_run(root, dataset, variant, seed, acc, epochs=4, attention=True, outli
         np.savez(os.path.join(out, 'attention.npz'), images=rng.integers(0, 255, (16, 1, 28, 28), dtype=np.uint8),
                  labels=np.arange(16) % 10, patch_size=np.array(4),
                  cls_attn=rng.random((2, 16, 1 if variant == 'diff' else 2, 49)) - (0.3 if variant == 'diff' else 0))
+
+
+def table_rows(text, second_column):
+    """{model: {column: cell}} of the report's first table whose header begins | model | <second_column> |."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f'| model | {second_column} |'))
+    header = [c.strip() for c in lines[start].strip('|').split('|')]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith('|'):
+            break
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
 
 
 @pytest.fixture
@@ -62,7 +83,8 @@ def test_figures_and_table(results, capsys, monkeypatch):
     assert vit[4] == '98.00 ± 1.00'  # test acc in %, mean ± sample std
     assert vit[3] == '0.0200 ± 0.0100'  # test loss
     assert vit[2] == f"{np.mean([0.25, 0.26, 0.27]):.4f} ± 0.0100"  # last epoch's val loss
-    assert vit[5] == '0.490 ± 0.005' and vit[6] == '3' and vit[7] == '2.0' and vit[8] == '0.1 ± 0.0'
+    assert vit[5] == '–'  # clean training accuracy: these runs predate it
+    assert vit[6] == '0.490 ± 0.005' and vit[7] == '3' and vit[8] == '0' and vit[9] == '2.0' and vit[10] == '0.1 ± 0.0'
     assert 'min to 70% val' not in table  # MNIST reaches it in the first epoch: only CIFAR-10 reports it
     assert '95.51' in table  # the old project's table sits beside ours
     assert 'mnist_diff vs mnist_balanced, test acc (points): +3.1000' in table
@@ -120,8 +142,7 @@ def test_a_subfolder_is_its_own_study_never_pooled(tmp_path):
 
 
 def test_attention_figure_shares_its_colour_scales_and_names_seed_and_classes(results, monkeypatch):
-    figures = []
-    monkeypatch.setattr(plot.plt, 'close', figures.append)
+    figures = captured_figures(monkeypatch)
     by_run = plot.load_runs(str(results))['.', 'fashionmnist']
     plot.attention_figure('fashionmnist', by_run, plot.run_tags(by_run), str(results / 'a.png'))
     fig = figures[0]
@@ -175,7 +196,7 @@ def test_runs_without_attention_sample_still_plot(tmp_path):
     plot.main(str(tmp_path))
     assert (tmp_path / 'cifar10_val_loss.png').exists() and not (tmp_path / 'cifar10_attention.png').exists()
     row = next(line for line in (tmp_path / 'README.md').read_text().splitlines() if line.startswith('| cifar10_vit'))
-    assert row.split(' | ')[4] == '50.00' and row.split(' | ')[6] == '1'  # one seed: the value, no ± 0
+    assert row.split(' | ')[4] == '50.00' and row.split(' | ')[7] == '1'  # one seed: the value, no ± 0
 
 
 @pytest.mark.parametrize('setup,message', [
@@ -203,8 +224,9 @@ def run_plot(folder):
 
 
 def captured_figures(monkeypatch):
-    figures = []
-    monkeypatch.setattr(plot.plt, 'close', figures.append)
+    """The figures plot.py closes, in order: closed, still to inspect."""
+    figures, close = [], plot.plt.close
+    monkeypatch.setattr(plot.plt, 'close', lambda fig: figures.append(fig) or close(fig))
     return figures
 
 
@@ -330,7 +352,9 @@ def test_precision_and_epochs_are_named_where_they_differ(tmp_path, monkeypatch)
     mixed, same = (tmp_path / 'README.md').read_text().split('## cifar10')[1:]
     rows = [line.split(' | ')[0] for line in mixed.splitlines() if line.startswith('| cifar10_')]
     assert rows == ['| cifar10_vit (float32, 4 ep)', '| cifar10_diff (bfloat16, 3 ep)'] * 2  # results and outliers
-    assert '- cifar10_diff (bfloat16, 3 ep) vs cifar10_vit (float32, 4 ep), test acc' in mixed
+    # runs of other precision and epochs are named, never tested against each other
+    assert ("- cifar10_diff (bfloat16, 3 ep) vs cifar10_vit (float32, 4 ep): not compared: differ in epochs (3 vs 4), "
+            "precision ('bfloat16' vs 'float32')") in mixed.splitlines()
     assert 'epochs\n' not in mixed.split('|')[0]  # no summary line under the heading
     legend = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
     assert legend == ['cifar10_vit (float32, 4 ep, 2 seeds)', 'cifar10_diff (bfloat16, 3 ep, 2 seeds)']
@@ -366,3 +390,255 @@ def test_one_seed_figures_do_not_claim_a_spread(tmp_path, monkeypatch):
     assert figures[0].axes[0].get_title() == 'mnist: validation loss (mean ± 1 std over seeds)'
     assert [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()] == ['mnist_vit (2 seeds)',
                                                                                   'mnist_diff (1 seed)']
+
+
+def comparison_lines(text):
+    return [line for line in text.splitlines() if line.startswith('- ')]
+
+
+def test_runs_are_compared_only_where_their_settings_allow(tmp_path, monkeypatch):
+    small = dict(n_embd=96, n_layer=4, mlp_dim=192, n_head=8)  # the cifar10_small configs; cifar10_* are width 256
+    for seed in range(2):
+        write_run(str(tmp_path), 'cifar10', 'small_vit', seed, 0.70 + 0.01 * seed, attention=False, settings=small)
+        write_run(str(tmp_path), 'cifar10', 'small_balanced', seed, 0.71 + 0.01 * seed, attention=False,
+                  settings=dict(small, n_head=16))
+        # a learning rate of its own: compared, and the line says so
+        write_run(str(tmp_path), 'cifar10', 'small_diff', seed, 0.65 + 0.01 * seed, attention=False,
+                  settings=dict(small, n_head=4, attention='diff', learning_rate=4e-3))
+        write_run(str(tmp_path), 'cifar10', 'vit', seed, 0.72 + 0.01 * seed, attention=False,
+                  settings=dict(n_embd=256, n_layer=6, mlp_dim=512, n_head=8))
+        # attention kinds plot.py has never heard of: compared by their config, coloured from tab10's free colours
+        for name in ('small_gated', 'small_alpha'):
+            write_run(str(tmp_path), 'cifar10', name, seed, 0.69 + 0.01 * seed, attention=False,
+                      settings=dict(small, attention=name.split('_')[1], qk_norm=True))
+    figures = captured_figures(monkeypatch)
+    plot.main(str(tmp_path))
+    text = (tmp_path / 'README.md').read_text()
+    lines = comparison_lines(text)
+    assert ("- cifar10_small_diff vs cifar10_vit: not compared: differ in n_embd (96 vs 256), n_layer (4 vs 6)"
+            in lines)  # mlp_dim and learning_rate may differ; n_embd and n_layer may not
+    assert ("- cifar10_small_balanced vs cifar10_vit: not compared: differ in n_embd (96 vs 256), n_layer (4 vs 6)"
+            in lines)
+    pairs = {line.split(', ')[0].split(': ')[0] for line in lines if 'Welch' in line}
+    assert pairs == {'- cifar10_small_balanced vs cifar10_small_vit',
+                     '- cifar10_small_diff vs cifar10_small_vit (also differs in learning_rate (0.004 vs 0.001))',
+                     '- cifar10_small_diff vs cifar10_small_balanced (also differs in learning_rate (0.004 vs 0.001))',
+                     '- cifar10_small_alpha vs cifar10_small_vit', '- cifar10_small_alpha vs cifar10_small_balanced',
+                     '- cifar10_small_gated vs cifar10_small_vit', '- cifar10_small_gated vs cifar10_small_balanced'}
+    tests = [line for line in lines if 'Holm p = ' in line]
+    assert len(tests) == 7 * 4  # test acc, test and val loss, focus: of the pairs compared only
+    assert f"over these {len(tests)} tests" in text
+    assert 'n_head, qk_norm, attn_impl' in text.split('## cifar10')[0]  # the introduction gives the rule
+    colours = {t.get_text().split(' ')[0]: line.get_color()
+               for t, line in zip(figures[0].axes[0].get_legend().get_texts(), figures[0].axes[0].get_lines())}
+    assert colours['cifar10_small_vit'] == colours['cifar10_vit'] == 'tab:blue'
+    assert colours['cifar10_small_diff'] == 'tab:red' and colours['cifar10_small_balanced'] == 'tab:green'
+    assert colours['cifar10_small_alpha'] == 'tab:brown' and colours['cifar10_small_gated'] == 'tab:pink'  # by name
+
+
+def test_a_parameter_matched_classic_control_is_compared_with_the_differential_run(tmp_path, monkeypatch):
+    """diff2 has 13% more parameters than vit; cifar10_small_vit351k (a wider MLP) matches them, so diff2 is tested
+    against it as well as against vit, and the control against vit; a classic run of another size is no control."""
+    small = dict(n_embd=96, n_layer=4, n_head=8)
+    for seed in range(2):
+        write_run(str(tmp_path), 'cifar10', 'small_vit', seed, 0.70 + 0.01 * seed, attention=False,
+                  settings=dict(small, mlp_dim=192), params=311_338)
+        write_run(str(tmp_path), 'cifar10', 'small_vit351k', seed, 0.71 + 0.01 * seed, attention=False,
+                  settings=dict(small, mlp_dim=244), params=351_482)
+        write_run(str(tmp_path), 'cifar10', 'small_diff2', seed, 0.72 + 0.01 * seed, attention=False,
+                  settings=dict(small, mlp_dim=192, attention='diff2'), params=351_658)
+        write_run(str(tmp_path), 'cifar10', 'small_diff', seed, 0.65 + 0.01 * seed, attention=False,
+                  settings=dict(small, mlp_dim=192, attention='diff'), params=311_626)
+    captured_figures(monkeypatch)
+    plot.main(str(tmp_path))
+    lines = comparison_lines((tmp_path / 'README.md').read_text())
+    pairs = {line.split(', ')[0].split(': ')[0] for line in lines if 'Welch' in line}
+    assert pairs == {'- cifar10_small_vit351k vs cifar10_small_vit (also differs in mlp_dim (244 vs 192))',
+                     '- cifar10_small_diff2 vs cifar10_small_vit',
+                     '- cifar10_small_diff2 vs cifar10_small_vit351k (also differs in mlp_dim (192 vs 244))',
+                     '- cifar10_small_diff vs cifar10_small_vit'}
+
+
+def test_failed_runs_are_counted_never_dropped(tmp_path, capsys):
+    failure = "non-finite loss at epoch 2, step 12 (learning rate 0.004)"
+    for seed in range(3):
+        write_run(str(tmp_path), 'mnist', 'vit', seed, 0.97 + 0.01 * seed)
+    for seed in range(2):
+        write_run(str(tmp_path), 'mnist', 'diff', seed, 0.96 + 0.01 * seed)
+        write_run(str(tmp_path), 'mnist', 'diff2', seed, 0.5, failed=failure)  # every run of it failed
+    write_run(str(tmp_path), 'mnist', 'diff', 2, 0.5, failed=failure)
+    write_run(str(tmp_path), 'mnist', 'balanced', 0, 0.97)
+    write_run(str(tmp_path), 'mnist', 'balanced', 1, 0.98, failures=[failure])  # resumed by hand after it failed
+    write_run(str(tmp_path), 'mnist', 'vitqk', 0, 0.5, test=None)  # still training: skipped, as before
+    plot.main(str(tmp_path))
+    assert f"skipping {tmp_path / 'mnist_vitqk' / 'seed0' / 'metrics.json'}: the run has not finished" in \
+        capsys.readouterr().out
+    text = (tmp_path / 'README.md').read_text()
+    rows = table_rows(text, 'params')
+    assert list(rows) == ['mnist_vit', 'mnist_balanced', 'mnist_diff', 'mnist_diff2']
+    assert rows['mnist_vit']['failed'] == '0' and rows['mnist_vit']['seeds'] == '3'
+    assert rows['mnist_balanced']['failed'] == '0; 1 resumed after a failure' and rows['mnist_balanced']['seeds'] == '2'
+    assert rows['mnist_diff']['failed'] == '1 of 3' and rows['mnist_diff']['seeds'] == '2'
+    assert rows['mnist_diff']['test acc (%)'] == '96.50 ± 0.71'  # the failed run is in no number
+    diff2 = rows['mnist_diff2']
+    assert diff2['failed'] == '2 of 2' and diff2['seeds'] == '0'
+    assert {v for k, v in diff2.items() if k not in ('model', 'seeds', 'failed')} == {'–'}
+    assert not any('mnist_diff2' in line for line in comparison_lines(text))
+    assert (tmp_path / 'mnist_val_loss.png').exists()  # the failed runs' shorter histories are not in the curves
+
+
+def test_clean_training_accuracy_column(tmp_path):
+    for seed, clean in enumerate((0.90, 0.92)):
+        write_run(str(tmp_path), 'mnist', 'vit', seed, 0.97, attention=False, clean_acc=clean)
+        write_run(str(tmp_path), 'mnist', 'diff', seed, 0.97, attention=False)  # from before train_clean_acc
+    plot.main(str(tmp_path))
+    text = (tmp_path / 'README.md').read_text()
+    rows = table_rows(text, 'params')
+    assert rows['mnist_vit']['train acc (clean, %)'] == '91.00 ± 1.41'  # the last epoch's, not a mean over epochs
+    assert rows['mnist_diff']['train acc (clean, %)'] == '–'
+    assert 'un-augmented subset of 5,000 training images' in text.split('## mnist')[0]
+
+
+def test_learning_rate_sweep_is_one_study_chosen_on_validation(tmp_path, monkeypatch):
+    sweep = tmp_path / 'lr_sweep'
+    # val_acc = acc - 0.05 / 4 at the last epoch; test accuracy points the other way, and must not matter
+    vals = {'vit': {1e-3: [0.60], 2e-3: [0.70, 0.72], 4e-3: [0.65]},
+            'diff': {1e-3: [0.50], 2e-3: [0.55], 4e-3: [0.62, 0.64]},
+            'diff2': {2e-3: [0.68, 0.69]}, 'diffqk': {1e-3: [0.60], 2e-3: [0.62]}}
+    for variant, by_rate in vals.items():
+        for lr, accs in by_rate.items():
+            for seed, acc in enumerate(accs):
+                write_run(str(sweep / f'lr{plot.rate_name(lr)}'), 'cifar10', variant, seed, acc, attention=False,
+                          settings=dict(learning_rate=lr), test=dict(loss=0.5, acc=1.0 - acc))
+    # the next rate out was tried and diverged: 2e-3 is not at the edge of diffqk's rates
+    write_run(str(sweep / 'lr8e-3'), 'cifar10', 'diffqk', 0, 0.1, settings=dict(learning_rate=8e-3),
+              failed="non-finite loss at epoch 2, step 12 (learning rate 0.008)")
+    write_run(str(tmp_path), 'cifar10', 'vit', 0, 0.5, attention=False)  # the folder's own study: as before
+    figures = captured_figures(monkeypatch)
+    plot.main(str(tmp_path))
+    text = (tmp_path / 'README.md').read_text()
+    headings = [line for line in text.splitlines() if line.startswith('## ')]
+    assert headings == ['## cifar10', '## cifar10 (lr_sweep/)']  # one study, not one per rate
+    own, swept = text.split('## cifar10')[1:]
+    assert 'Learning-rate sweep' not in own and '| cifar10_vit |' in own  # a study without lr<rate>/ folders
+    sweep_rows = table_rows(swept, 'lr 1e-3')
+    assert list(sweep_rows) == ['cifar10_vit', 'cifar10_diff', 'cifar10_diff2', 'cifar10_diffqk']
+    vit = sweep_rows['cifar10_vit']
+    assert (vit['lr 1e-3'], vit['lr 2e-3'], vit['lr 4e-3'], vit['lr 8e-3']) == (
+        '58.75 (1 seed)', '69.75 ± 1.41 (2 seeds)', '63.75 (1 seed)', '–')
+    assert vit['chosen lr'] == '2e-3'
+    assert sweep_rows['cifar10_diff']['chosen lr'] == '4e-3 (at the edge: add the next rate out)'  # never on test acc
+    assert sweep_rows['cifar10_diff2']['chosen lr'] == '2e-3 (at the edge: add the next rate out)'  # its one rate
+    diffqk = sweep_rows['cifar10_diffqk']
+    assert (diffqk['lr 4e-3'], diffqk['lr 8e-3'], diffqk['chosen lr']) == ('–', '1 failed', '2e-3')
+    rows = table_rows(swept, 'params')
+    assert list(rows) == ['cifar10_vit (lr 2e-3)', 'cifar10_diff (lr 4e-3)', 'cifar10_diff2 (lr 2e-3)',
+                          'cifar10_diffqk (lr 2e-3)']
+    assert rows['cifar10_vit (lr 2e-3)']['seeds'] == '2' and rows['cifar10_vit (lr 2e-3)']['failed'] == '0'
+    assert rows['cifar10_diffqk (lr 2e-3)']['failed'] == '0'  # its failure was at another rate: in the sweep table
+    assert rows['cifar10_diff (lr 4e-3)']['test acc (%)'] == '37.00 ± 1.41'
+    assert ('- cifar10_diff (lr 4e-3) vs cifar10_vit (lr 2e-3) (also differs in learning_rate (0.004 vs 0.002)), '
+            'test acc (points)') in swept
+    assert '(lr_sweep/cifar10_lr_sweep.png)' in swept and (sweep / 'cifar10_lr_sweep.png').exists()
+    assert not list(sweep.glob('lr*/*.png'))  # the figures are the study's, not a rate's
+    ax = next(fig.axes[0] for fig in figures if 'learning-rate sweep' in fig.axes[0].get_title())
+    assert ax.get_xscale() == 'log'
+    assert [t.get_text() for t in ax.get_xticklabels()] == ['1e-3', '2e-3', '4e-3']  # the finished runs' rates
+    vit_line = ax.get_lines()[0]
+    assert list(vit_line.get_ydata()) == pytest.approx([0.5875, 0.6975, 0.6375])
+    legend = [text.get_text() for text in next(fig for fig in figures if 'validation loss' in fig.axes[0].get_title()
+                                               and 'lr 2e-3' in fig.axes[0].get_legend().get_texts()[0].get_text())
+              .axes[0].get_legend().get_texts()]
+    assert legend == ['cifar10_vit (lr 2e-3, 2 seeds)', 'cifar10_diff (lr 4e-3, 2 seeds)',
+                      'cifar10_diff2 (lr 2e-3, 2 seeds)', 'cifar10_diffqk (lr 2e-3, 1 seed)']
+
+
+def test_a_run_in_the_folder_of_another_rate_is_an_error(tmp_path):
+    write_run(str(tmp_path / 'lr4e-3'), 'mnist', 'vit', 0, 0.97, settings=dict(learning_rate=2e-3))
+    proc = run_plot(tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'lr4e-3/' in lines[0] and '0.002' in lines[0], proc.stderr
+
+
+NOISE = {'gaussian': ('0.05', '0.1', '0.2', '0.3', '0.5'), 'occlusion': ('0.1', '0.25', '0.5'),
+         'distractors': ('0.1', '0.25', '0.5'), 'blur': ('0.5', '1.0', '1.5'), 'contrast': ('0.5', '0.3', '0.15')}
+
+
+def noise(clean, drop):
+    """eval.py's "noise": accuracy falling by drop per severity step, in the listed (increasing severity) order."""
+    accuracy = {c: {s: clean - drop * (k + 1) for k, s in enumerate(levels)} for c, levels in NOISE.items()}
+    cells = [a for by_severity in accuracy.values() for a in by_severity.values()]
+    return dict(clean=clean, accuracy=accuracy, mean=float(np.mean(cells)))
+
+
+def test_noise_table_figure_and_tests(tmp_path, monkeypatch):
+    for seed in range(3):
+        write_run(str(tmp_path), 'cifar10', 'vit', seed, 0.70, attention=False, noise=noise(0.70 + 0.01 * seed, 0.1))
+        write_run(str(tmp_path), 'cifar10', 'diff', seed, 0.65, attention=False, noise=noise(0.65 + 0.01 * seed, 0.05))
+    write_run(str(tmp_path), 'cifar10', 'vit', 3, 0.70, attention=False)  # from before eval.py: not in the noise outputs
+    figures = captured_figures(monkeypatch)
+    plot.main(str(tmp_path))
+    text = (tmp_path / 'README.md').read_text()
+    rows = table_rows(text, 'clean acc (%)')
+    vit, diff = rows['cifar10_vit'], rows['cifar10_diff']
+    assert vit['seeds'] == '3' and table_rows(text, 'params')['cifar10_vit']['seeds'] == '4'
+    assert vit['clean acc (%)'] == '71.00 ± 1.00'
+    # gaussian falls 0.1 a step over 5 steps (mean -0.3), the others over 3 (mean -0.2): 17 cells, a mean drop of
+    # (1.5 + 4 * 0.6) / 17
+    drop = (1.5 + 4 * 0.6) / 17
+    assert vit['mean noise acc (%)'] == f"{100 * (0.71 - drop):.2f} ± 1.00"
+    assert vit['gaussian (%)'] == '41.00 ± 1.00' and vit['contrast (%)'] == '51.00 ± 1.00'
+    relative = [(c - drop) / c for c in (0.70, 0.71, 0.72)]
+    assert vit['relative (mean / clean)'] == f"{np.mean(relative):.3f} ± {np.std(relative, ddof=1):.3f}"
+    assert diff['gaussian (%)'] == '51.00 ± 1.00'
+    lines = comparison_lines(text)
+    assert any(line.startswith('- cifar10_diff vs cifar10_vit, mean noise acc (points): ') for line in lines)
+    assert any(line.startswith('- cifar10_diff vs cifar10_vit, relative noise acc (mean / clean): ') for line in lines)
+    assert 'over these 6 tests' in text  # test acc, test and val loss, focus and the two noise tests: one family
+    assert 'noise together' in text.split('## cifar10')[0]
+    assert '(cifar10_noise.png)' in text and (tmp_path / 'cifar10_noise.png').exists()
+    fig = next(fig for fig in figures if 'corruptions' in fig.get_suptitle())
+    assert [ax.get_title() for ax in fig.axes] == list(NOISE)
+    contrast = fig.axes[4]
+    assert [t.get_text() for t in contrast.get_xticklabels()] == ['clean', '0.5', '0.3', '0.15']  # as listed, not sorted
+    vit_line = contrast.get_lines()[0]  # errorbar's data line comes first
+    assert list(vit_line.get_xdata()) == [0, 1, 2, 3]
+    assert list(vit_line.get_ydata()) == pytest.approx([0.71, 0.61, 0.51, 0.41])
+
+
+def test_cluttered_attention_figure_outlines_the_digit_box(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    boxes = np.array([[r, c, r + 28, c + 28] for r, c in rng.integers(0, 13, (16, 2))])
+    for variant in ('vit', 'diff'):
+        write_run(str(tmp_path), 'mnist_cluttered', variant, 0, 0.9, attention=False)
+        np.savez(tmp_path / f'mnist_cluttered_{variant}' / 'seed0' / 'attention.npz',
+                 images=rng.integers(0, 255, (16, 1, 40, 40), dtype=np.uint8), labels=np.arange(16) % 10,
+                 patch_size=np.array(4), cls_attn=rng.random((2, 16, 2, 100)), boxes=boxes)
+    write_run(str(tmp_path), 'mnist', 'vit', 0, 0.9)  # no boxes: no outlines
+    figures = captured_figures(monkeypatch)
+    plot.main(str(tmp_path))
+    attention = [fig for fig in figures if 'CLS attention' in fig.get_suptitle()]
+    plain, cluttered = attention  # mnist sorts first
+    assert not any(ax.patches for ax in plain.axes)
+    panels = [ax for ax in cluttered.axes if ax.images]
+    assert len(panels) == 3 * 8  # the images and two rows of maps
+    for ax in panels:
+        j = ax.get_subplotspec().colspan.start
+        (box,) = ax.patches
+        row0, col0, row1, col1 = boxes[j]
+        assert box.get_xy() == (col0 - 0.5, row0 - 0.5) and (box.get_width(), box.get_height()) == (28, 28)
+    assert "mnist_cluttered: on the patches inside the digit's box" in (tmp_path / 'README.md').read_text()
+
+
+def test_rerun_rewrites_every_file_byte_for_byte(tmp_path):
+    for seed in range(2):
+        for variant, lr in (('vit', 1e-3), ('vit', 2e-3), ('diff', 2e-3)):
+            write_run(str(tmp_path / 'sweep' / f'lr{plot.rate_name(lr)}'), 'cifar10', variant, seed, 0.6 + seed / 100,
+                      settings=dict(learning_rate=lr), noise=noise(0.6, 0.05), clean_acc=0.7)
+    plot.main(str(tmp_path))
+    outputs = sorted(p for p in tmp_path.rglob('*') if p.suffix in ('.png', '.md'))
+    before = {p: p.read_bytes() for p in outputs}
+    assert len(before) == 6  # README.md, the sweep, two curves, attention and noise figures
+    plot.main(str(tmp_path))
+    assert {p: p.read_bytes() for p in outputs} == before

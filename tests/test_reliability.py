@@ -1,13 +1,16 @@
 """Nothing lost, clear errors: kills at any moment, the NaN guard, bad checkpoints on resume."""
 
 import json
+import re
+import signal
 import os
+import subprocess
 import time
 
 import pytest
 import torch
 
-from conftest import Forked, args_for, one_line_error, run_train_fast
+from conftest import ROOT, Forked, args_for, one_line_error, run_train_fast
 
 
 @pytest.fixture
@@ -46,6 +49,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_data_dir
     after = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert after['state']['epoch'] == 1
     assert all(torch.equal(after['model'][k], before['model'][k]) for k in before['model'])
+    # the failure is a result: metrics.json records it, and a queue never retries it silently
+    with open(tmp_path / 'metrics.json') as f:
+        metrics = json.load(f)
+    assert metrics['test'] is None and len(metrics['failures']) == 1
+    assert metrics['failures'][0].startswith('non-finite loss at epoch 2, step')
+    queue = tmp_path / 'queue.txt'
+    queue.write_text(f"{tmp_path} {' '.join(args_for(small_data_dir, tmp_path, '--epochs=3')[:1])}\n")
+    proc = subprocess.run(['bash', 'queue.sh', str(queue)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert 'skipped, it failed before' in proc.stdout and 'train.py' not in proc.stdout
 
 
 def test_resume_without_checkpoint(small_data_dir, tmp_path):
@@ -92,3 +104,29 @@ def test_missing_data_offline_names_folder_and_files(tmp_path):
                           '--device=cpu', check=False)
     one_line_error(proc, os.path.join(str(tmp_path), 'FashionMNIST/raw'), 'train-images-idx3-ubyte',
                    'Put the files there')
+
+
+@pytest.mark.parametrize('case', ['missing data', 'resume of nothing', 'bad flag'])
+def test_a_run_that_cannot_start_leaves_no_folder(small_data_dir, tmp_path, case):
+    out_dir = tmp_path / 'out' / 'mnist_vit' / 'seed3'
+    args = {'missing data': args_for(tmp_path / 'nowhere', out_dir),
+            'resume of nothing': args_for(small_data_dir, out_dir, '--init_from=resume'),
+            'bad flag': args_for(small_data_dir, out_dir, '--learning_rate=-1')}[case]
+    proc = run_train_fast(*args, check=False)
+    assert proc.returncode != 0
+    assert not (tmp_path / 'out').exists()  # not even out/
+
+
+def test_a_gpu_config_on_a_cpu_says_so_and_how_long_it_takes(data_dir, tmp_path):
+    proc = Forked('train.py', 'config/cifar10_diff.py', f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
+                  '--device=cpu', '--batch_size=16', '--log_interval=1', stream=True)
+    output = []
+    for line in proc.stdout:  # the first progress line, then stop it (it saves and exits)
+        output.append(line)
+        if 'epochs take' in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = ''.join(output) + proc.stdout.read()
+    proc.wait()
+    assert 'is a GPU config; on a CPU run config/cifar10_small_*.py' in output
+    assert re.search(r'note: at this rate all 200 epochs take (\d+h\d\dm|\d+m\d\ds)', output)

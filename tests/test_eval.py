@@ -1,0 +1,165 @@
+"""eval.py and what it stands on: the test-time corruptions, cluttered MNIST and its digit boxes, and the analyses of a
+trained run, reproducible from its committed weights alone."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, one_line_error, run_forked, run_train_fast, synthetic_images
+from data import (CORRUPTIONS, DATASETS, box_patches, cluttered_mnist, corrupt, load_dataset, noise_draws,
+                  patch_mask)
+
+
+def grey_test_set(n=200, shape=(3, 32, 32), seed=0):
+    """Images with mid-range pixels (no clipping at small noise) and labels of 10 classes."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(60, 200, (n, *shape), generator=g, dtype=torch.uint8), torch.arange(n) % 10
+
+
+def test_corruptions_are_fixed_per_image_whatever_the_batches():
+    x, y = grey_test_set()
+    draws, again = noise_draws(y, (3, 32, 32), 4), noise_draws(y, (3, 32, 32), 4)
+    assert all(torch.equal(draws[k], again[k]) for k in draws)
+    for kind, severities in CORRUPTIONS.items():
+        whole = corrupt(x, torch.arange(200), kind, severities[-1], draws, 4, 'cifar10')
+        halves = torch.cat([corrupt(x, torch.arange(0, 70), kind, severities[-1], draws, 4, 'cifar10'),
+                            corrupt(x, torch.arange(70, 200), kind, severities[-1], draws, 4, 'cifar10')])
+        assert torch.equal(whole, halves), kind
+        assert whole.min() >= 0 and whole.max() <= 1 and not torch.equal(whole, x.float() / 255), kind
+
+
+@pytest.mark.parametrize('share', CORRUPTIONS['occlusion'])
+def test_occlusion_and_distractors_hit_their_share_of_patches(share):
+    x, y = grey_test_set()
+    draws = noise_draws(y, (3, 32, 32), 4)
+    clean = x.float() / 255
+    idx = torch.arange(200)
+    patches = lambda images: images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(200, 64, -1)
+    occluded = patches(corrupt(x, idx, 'occlusion', share, draws, 4, 'cifar10'))
+    mean = torch.tensor(DATASETS['cifar10']['mean']).repeat_interleave(16)
+    blank = (occluded == mean).all(dim=2)
+    assert (blank.sum(1) == round(share * 64)).all()  # grey images never equal the mean colour by chance
+    replaced = patches(corrupt(x, idx, 'distractors', share, draws, 4, 'cifar10'))
+    changed = (replaced != patches(clean)).any(dim=2)
+    assert torch.equal(changed, blank)  # the same patches, and each one comes from its source image
+    source = draws['source']
+    assert torch.equal(replaced[changed], patches(clean)[source[changed], changed.nonzero()[:, 1]])
+    assert not (y[source] == y[:, None]).any()  # from images of other classes only
+    if share > 0.1:  # the shares nest: the 10% are among the 25% and the 50%
+        assert (patch_mask(draws['rank'], 0.1, 4, 32) <= patch_mask(draws['rank'], share, 4, 32)).all()
+
+
+def test_gaussian_blur_and_contrast_have_their_strength():
+    x, y = grey_test_set()
+    draws = noise_draws(y, (3, 32, 32), 4)
+    clean, idx = x.float() / 255, torch.arange(200)
+    for sigma in CORRUPTIONS['gaussian'][:2]:  # no clipping yet at 0.05 and 0.1 on pixels in [0.23, 0.78]
+        added = corrupt(x, idx, 'gaussian', sigma, draws, 4, 'cifar10') - clean
+        assert added.std().item() == pytest.approx(sigma, rel=0.01)
+    for factor in CORRUPTIONS['contrast']:
+        out = corrupt(x, idx, 'contrast', factor, draws, 4, 'cifar10')
+        assert torch.allclose(out.std(dim=(1, 2, 3)), factor * clean.std(dim=(1, 2, 3)), rtol=1e-4)
+        assert torch.allclose(out.mean(dim=(1, 2, 3)), clean.mean(dim=(1, 2, 3)), atol=1e-5)
+    spreads = [corrupt(x, idx, 'blur', s, draws, 4, 'cifar10').std().item() for s in CORRUPTIONS['blur']]
+    assert clean.std().item() > spreads[0] > spreads[1] > spreads[2]  # blurrier, flatter
+    # a blurred constant image stays constant (the taps sum to one, the padding reflects)
+    flat = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    assert torch.allclose(corrupt(flat, torch.arange(1), 'blur', 1.5, draws, 4, 'cifar10'), flat.float() / 255)
+
+
+def test_cluttered_mnist_places_each_digit_in_its_box():
+    digits = torch.zeros(300, 1, 28, 28, dtype=torch.uint8)
+    digits[:, :, 6:22, 9:17] = 255  # every digit's ink: rows 6-21, columns 9-16
+    canvases, boxes = cluttered_mnist(digits, 0)
+    again, boxes_again = cluttered_mnist(digits, 0)
+    assert torch.equal(canvases, again) and torch.equal(boxes, boxes_again)
+    assert not torch.equal(boxes, cluttered_mnist(digits, 1)[1])  # the test file's canvases are others
+    assert canvases.shape == (300, 1, 40, 40) and canvases.dtype == torch.uint8
+    assert ((boxes[:, 2] - boxes[:, 0]) == 16).all() and ((boxes[:, 3] - boxes[:, 1]) == 8).all()
+    assert (boxes[:, :2] >= 6).all() and (boxes[:, 0] <= 18).all() and (boxes[:, 3] <= 40).all()
+    for canvas, (top, left, bottom, right) in zip(canvases[:, 0], boxes.tolist()):
+        assert (canvas[top:bottom, left:right] == 255).all()  # the digit is where its box says
+        outside = canvas.clone()
+        outside[top:bottom, left:right] = 0
+        assert outside.any()  # and there is clutter beside it
+
+
+def test_box_patches_are_the_patches_whose_centre_is_inside():
+    boxes = torch.tensor([[0, 0, 8, 8], [4, 8, 6, 40], [0, 0, 40, 40]])
+    mask = box_patches(boxes, 40, 4).view(3, 10, 10)
+    assert mask[0].sum() == 4 and mask[0, :2, :2].all()
+    assert mask[1].sum() == 8 and mask[1, 1, 2:].all()  # rows 4-5 hold the centre (5.5) of patch row 1
+    assert mask[2].all()
+
+
+def test_cluttered_dataset_loads_with_boxes(data_dir):
+    splits = load_dataset('mnist_cluttered', data_dir)
+    for split in ('train', 'val', 'test'):
+        x, y = splits[split]
+        assert x.shape[1:] == (1, 40, 40) and len(splits['boxes'][split]) == len(x) == len(y)
+    mnist = load_dataset('mnist', data_dir)
+    assert torch.equal(splits['test'][1], mnist['test'][1]) and torch.equal(splits['val'][1], mnist['val'][1])
+
+
+@pytest.fixture(scope='module')
+def trained(small_data_dir, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp('eval_run')
+    run_train_fast('config/mnist_diff.py', f'--data_dir={small_data_dir}', f'--out_dir={out_dir}', '--epochs=1', *TINY)
+    return out_dir
+
+
+def read(folder):
+    with open(folder / 'metrics.json') as f:
+        return json.load(f)
+
+
+def test_eval_reproduces_a_run_from_its_weights_alone(small_data_dir, trained, tmp_path):
+    """The committed form of a run, model.pt and metrics.json: eval.py gives its test result again, exactly, and the
+    same noise analyses on every run of it."""
+    for name in ('model.pt', 'metrics.json'):
+        shutil.copy(trained / name, tmp_path / name)
+    trained_metrics = read(trained)
+    assert set(trained_metrics['noise']['accuracy']) == set(DATASETS['mnist']['corruptions'])
+    run_forked('eval.py', tmp_path, f'--data_dir={small_data_dir}')
+    first = read(tmp_path)
+    assert first['test'] == trained_metrics['test'] and first['attn_focus'] == trained_metrics['attn_focus']
+    assert first['outliers'] == trained_metrics['outliers'] and first['noise'] == trained_metrics['noise']
+    noise = first['noise']
+    assert noise['clean'] == first['test']['acc']
+    assert {k: list(v) for k, v in noise['accuracy'].items()} == {
+        k: [str(s) for s in CORRUPTIONS[k]] for k in DATASETS['mnist']['corruptions']}
+    cells = [a for by_severity in noise['accuracy'].values() for a in by_severity.values()]
+    assert noise['mean'] == pytest.approx(np.mean(cells)) and all(0 <= a <= 1 for a in cells)
+    assert np.load(tmp_path / 'attention.npz')['cls_attn'].shape == (1, 16, 1, 49)
+    run_forked('eval.py', tmp_path, f'--data_dir={small_data_dir}', '--only=noise')
+    assert read(tmp_path) == first
+
+
+def test_eval_refuses_bad_weights_and_folders(small_data_dir, trained, tmp_path):
+    shutil.copy(trained / 'metrics.json', tmp_path / 'metrics.json')
+    proc = run_forked('eval.py', tmp_path, f'--data_dir={small_data_dir}', check=False)
+    one_line_error(proc, 'has no model.pt or ckpt.pt')
+    (tmp_path / 'model.pt').write_bytes((trained / 'model.pt').read_bytes()[:5000])
+    one_line_error(run_forked('eval.py', tmp_path, check=False), 'cannot load', 'corrupt')
+    weights = torch.load(trained / 'model.pt', weights_only=True)
+    weights['head.weight'] = torch.zeros(3, 3)
+    torch.save(weights, tmp_path / 'model.pt')
+    one_line_error(run_forked('eval.py', tmp_path, check=False), 'does not fit the model of', 'head.weight')
+    one_line_error(run_forked('eval.py', tmp_path, '--only=noise,speed', check=False), 'unknown analysis speed')
+    one_line_error(run_forked('eval.py', tmp_path / 'nowhere', check=False), 'is not a folder')
+    metrics = read(tmp_path)
+    assert metrics == read(trained)  # nothing written by a refused command
+
+
+def test_eval_leaves_an_unfinished_run_to_go_on(small_data_dir, tmp_path):
+    run_train_fast('config/mnist_vit.py', f'--data_dir={small_data_dir}', f'--out_dir={tmp_path}', '--epochs=1', *TINY)
+    metrics = read(tmp_path)
+    metrics['test'], metrics['config']['epochs'] = None, 2
+    (tmp_path / 'metrics.json').write_text(json.dumps(metrics))
+    (tmp_path / 'model.pt').unlink()
+    proc = run_forked('eval.py', tmp_path, f'--data_dir={small_data_dir}', '--only=test')
+    assert 'has not finished' in proc.stdout and 'test loss' in proc.stdout
+    assert read(tmp_path) == metrics
