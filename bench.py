@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import apply_config, cpu_reading, free_cores, peak_memory_mb, read_defaults, resolve_auto
-from data import DATASETS, augment_batch, batches, load_dataset, normalize
+from data import DATASETS, augment_batch, batches, import_torchvision, load_dataset, normalize
 from model import ViT, ViTConfig
 
 # every train.py global (so its config files work here), then the benchmark's own
@@ -168,6 +168,10 @@ def profile_steps(kind, x_dev, y_dev):
 
 def bench_pipeline(kind):
     """Seconds per epoch of real training data: the resident pipeline, then torchvision's, same model."""
+    try:
+        import_torchvision()
+    except ImportError as e:  # torchvision that does not match torch: one clear line
+        sys.exit(f"error: {e}")
     import torchvision.transforms.v2 as T
     from PIL import Image
     splits = load_dataset(dataset, data_dir, 'cpu')

@@ -31,7 +31,8 @@ BOOLEAN_WORDS = ('true', 'false', 'yes', 'no', 'on', 'off', 't', 'f', 'y', 'n', 
 def check(key, value, defaults, flag=True):
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=1)
-        hint = f"did you mean {'--' if flag else ''}{close[0]}?" if close else "no setting has a similar name (--help lists them)"
+        hint = (f"did you mean {'--' if flag else ''}{close[0]}?" if close
+                else "no setting has a similar name (--help lists them)")
         raise ConfigError(f"unknown config key {key!r}; {hint}")
     default = defaults[key]
     # 'auto' defaults also take a bool (compile=True/False); an int is fine where a float is expected

@@ -384,7 +384,7 @@ def gaussian_blur(x, sigma):
 
 
 def corrupt(x_all, idx, kind, severity, draws, patch_size, dataset):
-    """Test images x_all[idx] (uint8, the whole test set in x_all) corrupted by one kind at one severity: float in [0, 1]."""
+    """Test images x_all[idx] (uint8; x_all the whole test set) corrupted by one kind at one severity: float in [0, 1]."""
     x = x_all[idx].float() / 255
     image_size = x.size(-1)
     if kind == 'gaussian':

@@ -2,7 +2,7 @@
 Every analysis of a trained model, on any run folder: its final weights (model.pt, committed for the studies under
 results/) or its checkpoint (ckpt.pt). Loads the run's settings from its metrics.json, recomputes, and writes the
 results back into that metrics.json (and attention.npz), atomically. The same code ends every train.py run.
-$ python eval.py results/cifar10_small_diff2/seed0
+$ python eval.py results/mnist_noise/mnist_diff2/seed0
 $ python eval.py out/mnist_diff/seed1 --only=noise
 Analyses (--only=a,b; default all):
   test       loss and accuracy on the test set, and attention focus: the share of the CLS token's last-layer |attention|
@@ -15,14 +15,15 @@ Analyses (--only=a,b; default all):
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from contextlib import nullcontext
 
 from configurator import ConfigError, configure, resolve_auto
-from data import CORRUPTIONS, DATASETS, batches, box_patches, corrupt, foreground_patches, load_dataset, noise_draws, normalize
+from data import (CORRUPTIONS, DATASETS, batches, box_patches, corrupt, foreground_patches, load_dataset, noise_draws,
+                  normalize)
 from model import ViT, ViTConfig, attention_focus
 
 ANALYSES = ('test', 'outliers', 'attention', 'noise')
@@ -61,7 +62,7 @@ def relevant_patches(splits, split, dataset, patch_size):
 def evaluate(model, x, y, dataset, autocast, label_smoothing, relevant=None, corruption=None):
     """Loss (with the training label smoothing) and accuracy of model on uint8 images x; with relevant (N, P) also the
     mean attention focus of its last layer (model must then be the plain ViT, not a compiled or DDP wrapper); with
-    corruption = (kind, severity, draws, patch_size) on the corrupted images. Returns (loss, accuracy, focus or None)."""
+    corruption = (kind, severity, draws, patch_size) on the corrupted images. Returns (loss, accuracy, focus/None)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=x.device)
@@ -139,7 +140,8 @@ def analyse(model, splits, dataset, patch_size, autocast, label_smoothing, only=
     if 'test' in only or 'noise' in only:
         test_loss, test_acc, focus = evaluate(model, *splits['test'], dataset, autocast, label_smoothing,
                                               relevant_patches(splits, 'test', dataset, patch_size))
-        log(f"test loss {test_loss:.4f} acc {test_acc:.4f}" + (f" | attention focus {focus:.4f}" if focus is not None else ""))
+        log(f"test loss {test_loss:.4f} acc {test_acc:.4f}"
+            + (f" | attention focus {focus:.4f}" if focus is not None else ""))
     if 'test' in only:
         results['test'] = dict(loss=test_loss, acc=test_acc)
         if focus is not None:
@@ -152,7 +154,8 @@ def analyse(model, splits, dataset, patch_size, autocast, label_smoothing, only=
         sample = attention_sample(model, splits, dataset, patch_size, autocast)
     if 'noise' in only:
         results['noise'] = noise_accuracy(model, splits, dataset, patch_size, autocast, label_smoothing, test_acc, log)
-        log(f"noise: mean accuracy {100 * results['noise']['mean']:.2f}% over every corruption (clean {100 * test_acc:.2f}%)")
+        log(f"noise: mean accuracy {100 * results['noise']['mean']:.2f}% over every corruption "
+            f"(clean {100 * test_acc:.2f}%)")
     return results, sample
 
 
@@ -206,7 +209,8 @@ def main(run_dir, only, data_dir, device):
     except (FileNotFoundError, ValueError) as e:
         fail(e)
     model.to(device)
-    print(f"{run_dir}: {config['attention']} ViT, {model.num_params():,} parameters, {weights_path}, {precision} on {device}")
+    print(f"{run_dir}: {config['attention']} ViT, {model.num_params():,} parameters, {weights_path}, "
+          f"{precision} on {device}")
     results, sample = analyse(model, splits, config['dataset'], config['patch_size'], autocast,
                               config['label_smoothing'], only)
     if metrics.get('test') is None and len(metrics.get('history', [])) < config['epochs']:

@@ -44,7 +44,7 @@ run_name = ''  # default: the config file's name (mnist_diff), or <dataset>_<att
 out_dir = ''  # default: out/<run_name>/seed<seed> (git-ignored); the studies in the Makefile write to results/
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt): give the run's config file and flags again
 overwrite = False  # True: replace the run already in out_dir; without it a run never starts over another
-log_interval = 100  # steps between progress lines
+log_interval = 100  # steps between progress lines (and one at least every 30 s)
 # data
 dataset = 'mnist'
 data_dir = 'data'

@@ -1,5 +1,6 @@
 import gzip
 import os
+import sys
 
 import pytest
 import torch
@@ -153,3 +154,21 @@ def test_real_mnist_smoke():
     assert [len(splits[s][0]) for s in ('train', 'val', 'test')] == [55000, 5000, 10000]
     x = torch.cat([splits['train'][0], splits['val'][0]]).float() / 255
     assert x.mean().item() == pytest.approx(0.1307, abs=1e-4)
+
+
+def test_a_torchvision_that_does_not_match_torch_is_one_clear_line(tmp_path, monkeypatch):
+    """A CPU torch beside a CUDA torchvision fails at import ("operator torchvision::nms does not exist"): the error
+    says so, with the versions, not as a failed download."""
+    class BrokenTorchvision:
+        def find_spec(self, name, path=None, target=None):
+            if name == 'torchvision':
+                raise RuntimeError('operator torchvision::nms does not exist')
+
+    monkeypatch.delitem(sys.modules, 'torchvision', raising=False)
+    monkeypatch.setattr(sys, 'meta_path', [BrokenTorchvision()] + sys.meta_path)
+    with pytest.raises(FileNotFoundError) as e:
+        load_dataset('mnist', str(tmp_path))
+    message = str(e.value)
+    assert 'cannot be downloaded: torchvision' in message and f'beside torch {torch.__version__}' in message
+    assert 'operator torchvision::nms does not exist' in message and 'must come from the same index' in message
+    assert 'downloading it failed' not in message and '\n' not in message

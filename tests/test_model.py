@@ -8,16 +8,12 @@ import torch.nn.functional as F
 
 from conftest import ROOT, train_defaults
 from configurator import configure
-from data import DATASETS
+from eval import model_config
 from model import ATTENTIONS, Attention, ViT, ViTConfig, attention_focus, lambda_init_fn
 
 
 def model_config_of(config_path):
-    c = {**train_defaults(), **configure(train_defaults(), [config_path])}
-    spec = DATASETS[c['dataset']]
-    return ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
-                     **{k: c[k] for k in ('patch_size', 'n_layer', 'n_head', 'n_embd', 'mlp_dim', 'dropout', 'attention',
-                                          'qk_norm')})
+    return model_config({**train_defaults(), **configure(train_defaults(), [config_path])})
 
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
@@ -25,8 +21,10 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'config', '*.py')))
 
 def test_the_configs_are_every_dataset_and_variant():
     names = {os.path.basename(p) for p in CONFIGS}
-    assert names == {f'{d}_{v}.py' for d in ('mnist', 'fashionmnist', 'cifar10', 'cifar10_small')
-                     for v in ('vit', 'balanced', 'diff', 'diff2')} | {'cifar10_small_diffqk.py', 'cifar10_small_vitqk.py'}
+    assert names == ({f'{d}_{v}.py' for d in ('mnist', 'fashionmnist', 'cifar10', 'cifar10_small')
+                      for v in ('vit', 'balanced', 'diff', 'diff2')}
+                     | {'cifar10_small_diffqk.py', 'cifar10_small_vitqk.py', 'cifar10_small_vit351k.py'}
+                     | {f'mnist_cluttered_{v}.py' for v in ('vit', 'diff', 'diff2')})
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
@@ -206,6 +204,14 @@ def test_lite_parameter_counts():
                  mlp_dim=128).num_params() == 72_074
     assert small('diff', image_size=28, in_channels=1, num_classes=10, n_layer=2, n_head=2, n_embd=64,
                  mlp_dim=128).num_params() == 72_458
+
+
+@pytest.mark.parametrize('name,params', [('cifar10_small_vit', 311_338), ('cifar10_small_diff2', 351_658),
+                                         ('cifar10_small_vit351k', 351_482), ('mnist_cluttered_vit', 75_338),
+                                         ('mnist_cluttered_diff', 75_722), ('mnist_cluttered_diff2', 83_914)])
+def test_config_parameter_counts(name, params):
+    # the README's table; vit351k is the classic control with diff2's parameters (within 0.05%)
+    assert ViT(model_config_of(os.path.join(ROOT, 'config', f'{name}.py'))).num_params() == params
 
 
 @pytest.mark.parametrize('kwargs,message', [
