@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from configurator import apply_config, cpu_reading, free_cores, peak_memory_mb, read_defaults, resolve_auto
 from data import DATASETS, augment_batch, batches, import_torchvision, load_dataset, normalize
-from model import ViT, ViTConfig
+from eval import model_config as run_model_config
+from model import ViT
 
 # every train.py global (so its config files work here), then the benchmark's own
 _train_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
@@ -61,9 +62,7 @@ LOAD_WINDOW_S = 1.5
 
 
 def model_config(kind, impl=attn_impl):
-    return ViTConfig(image_size=spec['shape'][1], in_channels=spec['shape'][0], num_classes=spec['num_classes'],
-                     patch_size=patch_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_dim=mlp_dim,
-                     dropout=dropout, attention=kind, qk_norm=qk_norm, attn_impl=impl)
+    return run_model_config(dict(globals(), attention=kind, attn_impl=impl))  # as train.py builds it
 
 
 def flops_per_image(config):
