@@ -300,8 +300,8 @@ def sweep_table(by_run, chosen):
         if run not in chosen:
             choice = '– (no finished run)'
         else:
-            choice = rate_name(chosen[run]) + (' (at the edge: add the next rate out)'
-                                               if chosen[run] in (tried[0], tried[-1]) else '')
+            edge = ' (the only rate tried)' if len(tried) == 1 else ' (at the edge: add the next rate out)'
+            choice = rate_name(chosen[run]) + (edge if chosen[run] in (tried[0], tried[-1]) else '')
         lines.append(f"| {run} | " + ' | '.join(cells) + f" | {choice} |")
     return lines
 

@@ -528,7 +528,7 @@ def test_learning_rate_sweep_is_one_study_chosen_on_validation(tmp_path, monkeyp
         '58.75 (1 seed)', '69.75 ± 1.41 (2 seeds)', '63.75 (1 seed)', '–')
     assert vit['chosen lr'] == '2e-3'
     assert sweep_rows['cifar10_diff']['chosen lr'] == '4e-3 (at the edge: add the next rate out)'  # never on test acc
-    assert sweep_rows['cifar10_diff2']['chosen lr'] == '2e-3 (at the edge: add the next rate out)'  # its one rate
+    assert sweep_rows['cifar10_diff2']['chosen lr'] == '2e-3 (the only rate tried)'  # e.g. a control at another's rate
     diffqk = sweep_rows['cifar10_diffqk']
     assert (diffqk['lr 4e-3'], diffqk['lr 8e-3'], diffqk['chosen lr']) == ('–', '1 failed', '2e-3')
     rows = table_rows(swept, 'params')
