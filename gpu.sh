@@ -25,7 +25,7 @@ if [ -n "${DRY_RUN:-}" ]; then
   RESULTS_DIR=${RESULTS_DIR:-out}
   state=$RESULTS_DIR
   model_args="--device=cpu --compile=False --n_layer=1 --n_embd=32 --mlp_dim=64"
-  bench_args="--warmup_steps=1 --timed_steps=2 --compiles=False"
+  bench_args="--warmup_steps=1 --timed_steps=2 --compiles=False --batch_size=64"
   mnist_args="--epochs=1"
   queue_args="$model_args --epochs=1 --log_interval=1000"
 else

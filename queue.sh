@@ -38,6 +38,14 @@ while read -r out_dir args; do
   if [ -f "$out_dir/run.lock" ] && kill -0 "$(cat "$out_dir/run.lock" 2>/dev/null)" 2>/dev/null; then
     continue  # another worker trains it
   fi
+  if [ -z "${PLAN:-}" ] && command -v flock > /dev/null; then
+    # train.py takes run.lock only seconds after it starts: a claim held by this worker and its train.py (fd 9, open
+    # until the next run's) keeps a worker started a moment later from taking the same run
+    mkdir -p "$out_dir"
+    exec 9> "$out_dir/queue.lock"
+    flock -n 9 || continue
+    grep -qsE '"test": \{|"failures"' "$out_dir/metrics.json" && continue  # finished or failed while it looked
+  fi
   init=--init_from=scratch
   if [ -f "$out_dir/ckpt.pt" ]; then
     init=--init_from=resume

@@ -35,8 +35,8 @@ def test_every_committed_queue_line_is_a_valid_run(queue):
 
 def test_gpu_script_dry_run(data_dir, tmp_path):
     queue = tmp_path / 'queue.txt'
-    queue.write_text("# two runs, one in bfloat16\n\nq/mnist_vit/seed0 config/mnist_vit.py --epochs=6\n"
-                     "q/mnist_diff2/seed0 config/mnist_diff2.py --dtype=bfloat16\n")
+    queue.write_text("# two runs, each with a setting of its own\n\nq/mnist_vit/seed0 config/mnist_vit.py --epochs=6\n"
+                     "q/mnist_diff2/seed0 config/mnist_diff2.py --weight_decay=0.05\n")
     (tmp_path / 'out').mkdir()
     env = dict(os.environ, DRY_RUN='1', DATA_DIR=data_dir, RESULTS_DIR=str(tmp_path / 'results'), OUT=str(tmp_path / 'out'),
                OMP_NUM_THREADS='1', PYTHON=sys.executable, QUEUE=str(queue), WORKERS='2')
@@ -52,10 +52,11 @@ def test_gpu_script_dry_run(data_dir, tmp_path):
     assert bench.count('profile of 2 training steps') == 3 and 'Self CPU time total' in bench
     assert json.loads((out / 'mnist_wall.json').read_text())['wall_s'] > 0
     runs = tmp_path / 'results' / 'gpu_dry_run_runs' / 'q'
-    for run, dtype in (('mnist_vit', None), ('mnist_diff2', 'bfloat16')):
+    for run, weight_decay in (('mnist_vit', 0.1), ('mnist_diff2', 0.05)):
         m = json.loads((runs / run / 'seed0' / 'metrics.json').read_text())
-        assert m['test'] is not None and 'outliers' in m and m['precision'] == (dtype or m['precision'])
+        assert m['test'] is not None and 'outliers' in m and m['config']['weight_decay'] == weight_decay
         assert m['config']['epochs'] == 1 and m['config']['n_embd'] == 32  # the dry run's settings come last and win
+    assert 'is in use' not in log  # the second worker never took the first worker's run (queue.sh's claim)
     with tarfile.open(tmp_path / 'out' / 'gpu_dry_run.tar.gz') as tar:
         names = tar.getnames()
     assert f'{out.name}/log.txt' in names and f'{out.name}/bench_cifar10_vit.txt' in names
@@ -128,3 +129,21 @@ def test_queue_resumes_an_interrupted_run_and_skips_finished_ones(data_dir, tmp_
     proc = subprocess.run(['bash', 'queue.sh', str(tmp_path / 'missing.txt')], cwd=ROOT, env=env, capture_output=True,
                           text=True)
     assert proc.returncode == 1 and 'queue file' in proc.stderr
+
+
+def test_two_workers_started_together_never_take_the_same_run(tmp_path):
+    """train.py takes run.lock only after its imports; queue.sh's claim covers those seconds. A stand-in for python
+    that takes 2 s to start logs each run it is given and then finishes it."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/bin/sh\nsleep 2\nfor a; do case "$a" in --out_dir=*) out=${a#--out_dir=} ;; esac; done\n'
+                    f'echo "$out" >> {tmp_path}/started\necho \'{{"test": {{}}}}\' > "$out/metrics.json"\n')
+    fake.chmod(0o755)
+    queue = tmp_path / 'queue.txt'
+    queue.write_text(''.join(f"{tmp_path}/runs/{name} config/mnist_vit.py\n" for name in 'abc'))
+    env = dict(os.environ, PYTHON=str(fake))
+    workers = [subprocess.Popen(['bash', 'queue.sh', str(queue)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    logs = [w.communicate(timeout=60)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    started = (tmp_path / 'started').read_text().split()
+    assert sorted(started) == [f"{tmp_path}/runs/{name}" for name in 'abc'], logs  # each run once, none twice
