@@ -21,6 +21,8 @@ ARGS=${ARGS:-}
 BUDGET_S=${BUDGET_S:-0}
 PREFIX=${PREFIX:-}
 say() { echo "[queue.sh $(date +%H:%M:%S)] $*"; }
+finished() { grep -qs '"test": {' "$1/metrics.json"; }  # its metrics.json has a test result
+failed() { grep -qs '"failures"' "$1/metrics.json"; }  # it stopped on a non-finite loss
 
 stopping=0
 trap 'stopping=1; [ -n "${pid:-}" ] && kill -TERM "$pid" 2>/dev/null' INT TERM
@@ -28,10 +30,8 @@ while read -r out_dir args; do
   case "$out_dir" in ''|'#'*) continue ;; esac
   [ "$stopping" = 1 ] && break
   out_dir=$PREFIX$out_dir
-  if [ -f "$out_dir/metrics.json" ] && grep -q '"test": {' "$out_dir/metrics.json"; then
-    continue  # finished
-  fi
-  if [ -f "$out_dir/metrics.json" ] && grep -q '"failures"' "$out_dir/metrics.json"; then
+  finished "$out_dir" && continue
+  if failed "$out_dir"; then
     say "$out_dir: skipped, it failed before (the \"failures\" in its metrics.json); resume it by hand to try again"
     continue  # a divergence is a result: never retried silently
   fi
@@ -44,7 +44,7 @@ while read -r out_dir args; do
     mkdir -p "$out_dir"
     exec 9> "$out_dir/queue.lock"
     flock -n 9 || continue
-    grep -qsE '"test": \{|"failures"' "$out_dir/metrics.json" && continue  # finished or failed while it looked
+    { finished "$out_dir" || failed "$out_dir"; } && continue  # while this worker looked
   fi
   init=--init_from=scratch
   if [ -f "$out_dir/ckpt.pt" ]; then
