@@ -69,10 +69,11 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def small_data_dir(tmp_path_factory):
-    """MNIST alone, for runs that need not learn: 640 training images (10 steps of 64), the fixed 5,000 validation
-    images, 500 test images."""
+    """MNIST and CIFAR-10 for runs that need not learn: 640 training images (10 steps of 64), the fixed 5,000
+    validation images, 500 test images."""
     root = str(tmp_path_factory.mktemp('small_data'))
     write_mnist_like(root, 'MNIST', n_train=5640, n_test=500)
+    write_cifar_like(root, per_batch=1128, n_test=500)
     return root
 
 
