@@ -10,12 +10,12 @@ A study is the folder that holds the <run_name> folders: the results folder itse
 results/gpu_NVIDIA_H200/, whose runs get their own tables and figures (in that subfolder) and are never pooled with
 the others. A learning-rate sweep is one study whose runs lie in lr<rate>/ folders (<study>/lr1e-3/<run_name>/seed0/):
 per run_name it tables and plots (<dataset>_lr_sweep.png) the final validation accuracy at each rate and chooses the
-rate of the highest mean (never on test accuracy); everything else of the study is made from each run_name's runs at
-its chosen rate. The seeds of one run_name in one study (at one rate) must share every result-changing setting,
-compared as it resolved on the run's machine (device, dtype, compile and attn_impl 'auto' equal what they became), and
-a run of unknown precision never pools with one of known precision; runs that differ, and a copy of a run (the same
-seed twice), are an error, never mixed. A run that stopped on a non-finite loss (metrics.json's "failures", its "test"
-null) is counted on its row, never dropped; an unfinished run is skipped.
+rate of the highest mean over the seeds that every rate has (never on test accuracy); everything else of the study
+is made from each run_name's runs at its chosen rate. The seeds of one run_name in one study (at one rate) must share
+every result-changing setting, compared as it resolved on the run's machine (device, dtype, compile and attn_impl
+'auto' equal what they became), and a run of unknown precision never pools with one of known precision; runs that
+differ, and a copy of a run (the same seed twice), are an error, never mixed. A run that stopped on a non-finite
+loss (metrics.json's "failures", its "test" null) is counted on its row, never dropped; an unfinished run is skipped.
 Comparisons: a study's *_vit runs (classic attention, no qk_norm) are its baselines; every other run is compared with
 them, and a run whose attention is not classic also with *_balanced and with a classic run of its parameter count
 (within 1%), where the two runs' settings agree apart from
@@ -273,14 +273,17 @@ def stat(m, key):
 
 
 def chosen_rates(by_run):
-    """{run: the learning rate of its highest mean final validation accuracy} over each run's finished runs (never on
-    test accuracy; the lowest rate of a tie)."""
+    """{run: the learning rate of its highest mean final validation accuracy} over each run's finished runs, on the
+    seeds that every rate has (the sweep's seed 0: the seeds run later at the chosen rate cannot move the choice), or
+    each rate's every seed where they share none; never on test accuracy; the lowest rate of a tie."""
     chosen = {}
     for run, ms in by_run.items():
         done = finished(ms)
         rates = sorted({rate(m) for m in done})
         if rates:
-            chosen[run] = max(rates, key=lambda r: np.mean([stat(m, 'val_acc') for m in done if rate(m) == r]))
+            shared = set.intersection(*({m['seed'] for m in done if rate(m) == r} for r in rates))
+            chosen[run] = max(rates, key=lambda r: np.mean([stat(m, 'val_acc') for m in done
+                                                            if rate(m) == r and (m['seed'] in shared or not shared)]))
     return chosen
 
 
@@ -611,10 +614,11 @@ def main(folder):
               "Noise (eval.py): test accuracy under each corruption at each severity; mean noise acc is the mean over "
               "every (corruption, severity) cell, relative is mean / clean, a corruption's column its mean over its "
               "severities; runs from before eval.py are left out of it. Learning-rate sweeps (a study of lr<rate>/ "
-              "folders): per run_name the final validation accuracy at each rate; the rate of the highest mean is "
-              "chosen (test accuracy plays no part), flagged where it is the lowest or highest tried, and the rest of "
-              "the section is made from each run_name's runs at its chosen rate, named on its row. Comparisons: a "
-              "study's vit (classic attention, no qk_norm) is the baseline of every other run, and a run whose "
+              "folders): per run_name the final validation accuracy at each rate; the rate of the highest mean over "
+              "the seeds every rate has is chosen (test accuracy plays no part), flagged where it is the lowest or "
+              "highest tried, and the rest of the section is made from each run_name's runs at its chosen rate, "
+              "named on its row. Comparisons: a study's vit (classic attention, no qk_norm) is the baseline of every "
+              "other run, and a run whose "
               "attention is not classic is also compared with balanced and with a classic run of its parameter count "
               "(within 1%, e.g. vit351k for diff2); two runs are compared only where their "
               f"settings agree apart from the attention ({', '.join(ATTENTION_KEYS)}) and the recipe a study may "
@@ -635,7 +639,7 @@ def main(folder):
         if is_sweep(everything):
             chosen = chosen_rates(everything)
             sweep = (["Learning-rate sweep: final validation accuracy (%), mean ± std over seeds; the chosen rate has "
-                      "the highest mean:", ""] + sweep_table(everything, chosen)
+                      "the highest mean over the seeds every rate has:", ""] + sweep_table(everything, chosen)
                      + ["", "At each run_name's chosen rate:", ""])
             if chosen:
                 sweep_figure(dataset, everything, os.path.join(folder, figure['lr_sweep']))
