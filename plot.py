@@ -281,9 +281,10 @@ def chosen_rates(by_run):
         done = finished(ms)
         rates = sorted({rate(m) for m in done})
         if rates:
-            shared = set.intersection(*({m['seed'] for m in done if rate(m) == r} for r in rates))
+            compared = (set.intersection(*({m['seed'] for m in done if rate(m) == r} for r in rates))
+                        or {m['seed'] for m in done})
             chosen[run] = max(rates, key=lambda r: np.mean([stat(m, 'val_acc') for m in done
-                                                            if rate(m) == r and (m['seed'] in shared or not shared)]))
+                                                            if rate(m) == r and m['seed'] in compared]))
     return chosen
 
 

@@ -38,8 +38,8 @@ def test_gpu_script_dry_run(small_data_dir, tmp_path):
     queue.write_text("# two runs, each with a setting of its own\n\nq/mnist_vit/seed0 config/mnist_vit.py --epochs=6\n"
                      "q/mnist_diff2/seed0 config/mnist_diff2.py --weight_decay=0.05\n")
     (tmp_path / 'out').mkdir()
-    env = dict(os.environ, DRY_RUN='1', DATA_DIR=small_data_dir, RESULTS_DIR=str(tmp_path / 'results'), OUT=str(tmp_path / 'out'),
-               OMP_NUM_THREADS='1', PYTHON=sys.executable, QUEUE=str(queue), WORKERS='2')
+    env = dict(os.environ, DRY_RUN='1', DATA_DIR=small_data_dir, RESULTS_DIR=str(tmp_path / 'results'),
+               OUT=str(tmp_path / 'out'), OMP_NUM_THREADS='1', PYTHON=sys.executable, QUEUE=str(queue), WORKERS='2')
     proc = subprocess.run(['bash', 'gpu.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (out,) = (tmp_path / 'results').glob('gpu_dry_run_2*')  # a new folder per command, named by its date and time
