@@ -21,10 +21,12 @@ if 'OMP_WAIT_POLICY' not in os.environ:  # a policy the user set wins
 import torch
 import torch.nn.functional as F
 
-from configurator import apply_config, cpu_reading, free_cores, peak_memory_mb, read_defaults, resolve_auto
+from configurator import apply_config, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, read_defaults, resolve_auto
 from data import DATASETS, augment_batch, batches, import_torchvision, load_dataset, normalize
 from eval import model_config as run_model_config
 from model import ViT
+
+keep_freed_memory()
 
 # every train.py global (so its config files work here), then the benchmark's own
 _train_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')

@@ -174,6 +174,23 @@ def free_cores(before, after):
     return max(1, len(os.sched_getaffinity(0)) - max(0, math.ceil(busy_elsewhere - 0.25)))
 
 
+def keep_freed_memory():
+    """Keeps the buffers a training step frees for the next one: glibc hands them back to the OS and faults them in
+    again each step, which costs a CPU run about 10% with the same numbers (results/NOTES.md, 2026-12-02, fourth
+    session). Same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=268435456;
+    a MALLOC_* variable set in the environment wins. Does nothing without glibc."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    for option, name, value in ((-3, 'MALLOC_MMAP_THRESHOLD_', 32 * 2 ** 20),  # M_MMAP_THRESHOLD: mmap only above it
+                                (-1, 'MALLOC_TRIM_THRESHOLD_', 2 ** 31 - 1),  # M_TRIM_THRESHOLD: no trimming
+                                (-2, 'MALLOC_TOP_PAD_', 256 * 2 ** 20)):  # M_TOP_PAD: grow the heap in large steps
+        if name not in os.environ:
+            mallopt(option, value)
+
+
 def peak_memory_mb(device):
     """High-water mark of memory so far: allocated CUDA memory on a GPU, the process's resident set on the CPU."""
     import resource

@@ -20,11 +20,6 @@ PY=${PYTHON:-python3}
 ARGS=${ARGS:-}
 BUDGET_S=${BUDGET_S:-0}
 PREFIX=${PREFIX:-}
-# glibc hands the freed buffers of each step back to the OS and faults them in again on the next; keeping them makes a
-# CPU run about 10% faster with the same losses (results/NOTES.md, 2026-12-02, fourth session); a value set outside wins
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-33554432}
-export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
-export MALLOC_TOP_PAD_=${MALLOC_TOP_PAD_:-268435456}
 say() { echo "[queue.sh $(date +%H:%M:%S)] $*"; }
 finished() { grep -qs '"test": {' "$1/metrics.json"; }  # its metrics.json has a test result
 failed() { grep -qs '"failures"' "$1/metrics.json"; }  # it stopped on a non-finite loss

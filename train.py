@@ -32,10 +32,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import apply_config, cpu_reading, free_cores, peak_memory_mb, resolve_auto
+from configurator import apply_config, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, load_dataset, normalize
 from eval import analyse, evaluate, model_config, write_atomic
 from model import ViT
+
+keep_freed_memory()
 
 # -----------------------------------------------------------------------------
 # default config values: the MNIST diff run (identical to config/mnist_diff.py)
