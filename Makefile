@@ -30,7 +30,7 @@ test:
 
 # MNIST and CIFAR-10 from data/ (not FashionMNIST: no GPU run uses it) in parts for a machine reached with 64 MiB
 # per command (gpu.sh; results/NOTES.md, "The GPU machine"). Each command also carries the working tree (tracked
-# files and untracked ones that git does not ignore: 10.3 MB in December 2026, more with each committed
+# files and untracked ones that git does not ignore: 47.0 MB on 2026-12-03, 1.3-1.4 MB more with each committed
 # results/**/model.pt) and SHA256SUMS, so a part is 64 MiB less the tree's size now and a margin; make refuses when
 # that leaves less than GPU_MIN_PART_MIB. `make gpu_data_part_size` prints the part size in bytes.
 GPU_CALL_MIB ?= 64
