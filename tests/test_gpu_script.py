@@ -74,29 +74,66 @@ def test_gpu_script_dry_run(small_data_dir, tmp_path):
     assert 'train.py' not in log and 'finished runs in' in log
 
 
-def make(*args):
-    return subprocess.run(['make', '-s', '--no-print-directory', *args], cwd=ROOT, capture_output=True, text=True)
+def make(*args, cwd=ROOT):
+    return subprocess.run(['make', '-s', '--no-print-directory', *args], cwd=cwd, capture_output=True, text=True)
 
 
-def test_gpu_data_parts_fit_beside_the_working_tree():
-    """A call to the GPU machine carries the working tree (tracked files, and untracked ones git does not ignore) and
-    one part of gpu_data/ with SHA256SUMS, 64 MiB in all: `make gpu_data` cuts parts that fit beside the tree as it
-    is now, and refuses when the tree leaves less than 8 MiB. No dataset needed: make -n prints what it would run."""
-    listed = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split('\0')
-    paths = [os.path.join(ROOT, name) for name in listed if name]
-    tree = sum(os.lstat(path).st_size for path in paths if os.path.lexists(path))
-    proc = make('gpu_data_part_size')
+def git(*args, cwd=ROOT):
+    return subprocess.run(['git', *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def tree_bytes(cwd):
+    """What a call to the GPU machine carries: tracked files, and untracked ones git does not ignore."""
+    names = [name for name in git('ls-files', '-z', '--cached', '--others', '--exclude-standard', cwd=cwd).split('\0')
+             if name]
+    return {name: os.lstat(os.path.join(cwd, name)).st_size for name in names
+            if os.path.lexists(os.path.join(cwd, name))}
+
+
+def test_the_working_tree_without_its_weights_leaves_room_for_gpu_data():
+    """The committed weights grow with every run and no GPU command reads them: `make gpu_light` leaves them behind
+    (the next test). What stays must leave at least 8 MiB of a 64 MiB call, less a 4 MiB margin, for a data part."""
+    light = sum(size for name, size in tree_bytes(ROOT).items()
+                if not (name.startswith('results/') and name.endswith(('/model.pt', '/attention.npz'))))
+    assert light + 8 * 2 ** 20 <= 60 * 2 ** 20, f'{light} bytes travel even without the weights'
+
+
+def test_gpu_light_leaves_the_weights_behind_and_gpu_restore_undoes_it(tmp_path):
+    """In a repository of its own (the Makefile, .gitignore and a fake results/): gpu_light takes the weights and attention
+    samples out of the index, not off the disk; `make gpu_data` cuts its parts to fit beside what is left (64 MiB
+    less a 4 MiB margin), and refuses when that is under 8 MiB; gpu_restore makes the index HEAD's again. No dataset
+    needed: make -n prints what it would run."""
+    repo = tmp_path / 'repo'
+    weights = {'results/a/seed0/model.pt': 300_000, 'results/study/lr1e-3/b/seed1/model.pt': 200_000,
+               'results/study/lr1e-3/b/seed1/attention.npz': 50_000}
+    kept = {'results/a/seed0/metrics.json': 100, 'results/model.pt.md': 10, 'Makefile': None, '.gitignore': None}
+    for name, size in {**weights, **kept}.items():
+        os.makedirs(os.path.dirname(repo / name), exist_ok=True)
+        with open(repo / name, 'wb') as f:
+            f.write(open(os.path.join(ROOT, name), 'rb').read() if size is None else os.urandom(size))
+    git('init', '-q', cwd=repo)
+    git('add', '.', cwd=repo)
+    git('-c', 'user.name=test', '-c', 'user.email=test@example.com', 'commit', '-q', '-m', 'fake', cwd=repo)
+
+    proc = make('gpu_light', cwd=repo)
     assert proc.returncode == 0, proc.stderr
-    part = int(proc.stdout)
-    assert part >= 8 * 2 ** 20 and tree + part + 4096 <= 64 * 2 ** 20  # SHA256SUMS: 73 bytes a part
-    dry_run = make('-n', 'gpu_data').stdout
+    assert set(tree_bytes(repo)) == set(kept)
+    assert all((repo / name).stat().st_size == size for name, size in weights.items())  # still on the disk
+    assert make('gpu_light', cwd=repo).returncode != 0  # twice: refused
+    light = sum(tree_bytes(repo).values())
+    part = int(make('gpu_data_part_size', cwd=repo).stdout)
+    assert part == 60 * 2 ** 20 - light
+    dry_run = make('-n', 'gpu_data', cwd=repo).stdout
     assert f' split -b {part} -d ' in dry_run
     assert dry_run.index('exit 1') < dry_run.index('rm -rf gpu_data')  # the size is checked before gpu_data/ goes
-
-    proc = make('gpu_data_part_size', f'GPU_CALL_MIB={tree // 2 ** 20 + 11}')  # 6-7 MiB left for a part: refused
+    proc = make('gpu_data_part_size', 'GPU_CALL_MIB=11', cwd=repo)  # 7 MiB less the tree for a part: refused
     assert proc.returncode != 0 and proc.stderr.startswith('error: a ') and 'under 8 MiB' in proc.stderr, proc.stderr
     assert not proc.stdout
+
+    proc = make('gpu_restore', cwd=repo)
+    assert proc.returncode == 0, proc.stderr
+    assert set(tree_bytes(repo)) == set(weights) | set(kept)
+    assert git('status', '--porcelain', '--ignored', cwd=repo) == ''  # results/.gitignore gone too
 
 
 def test_queue_resumes_an_interrupted_run_and_skips_finished_ones(data_dir, tmp_path):
