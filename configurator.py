@@ -149,10 +149,29 @@ def resolve_auto(device, dtype, compile):
     if dtype == 'auto' and device_type == 'cuda':
         dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
     elif dtype == 'auto':
-        native = [getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
-        dtype = 'bfloat16' if any(native) else 'float32'
+        dtype = 'bfloat16' if native_cpu_bfloat16() else 'float32'
     use_compile = device_type == 'cuda' if compile == 'auto' else compile
     return device, device_type, dtype, use_compile
+
+
+def native_cpu_bfloat16():
+    """Whether this CPU computes in bfloat16 (AVX512-BF16 or AMX); elsewhere PyTorch emulates it, about 10x slower."""
+    import torch
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+
+
+def cpu_name():
+    """The CPU's model and the vector instructions PyTorch uses on it, e.g. 'AMD EPYC (AVX2)': what a CPU run's
+    timings depend on."""
+    import platform
+    import torch
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
+    except OSError:
+        model = ''
+    native = ', native bfloat16' if native_cpu_bfloat16() else ''
+    return f"{model or platform.processor() or 'unknown CPU'} ({torch.backends.cpu.get_cpu_capability()}{native})"
 
 
 def cpu_reading():

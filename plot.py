@@ -463,6 +463,11 @@ def failed_cell(ms, failed):
             + (f"; {resumed} resumed after a failure" if resumed else ''))
 
 
+def machine(m):
+    """A run's device, with the CPUs it trained on where metrics.json records them (its timings depend on them)."""
+    return m['device'] + (': ' + ' + '.join(m['cpu']) if m.get('cpu') else '')
+
+
 def dataset_table(dataset, by_run, failed, tags):
     """One row per run_name: its finished runs' numbers, and a row of '–' for a run_name whose runs all failed."""
     marks = VAL_ACC_MARKS.get(dataset, ())
@@ -483,7 +488,7 @@ def dataset_table(dataset, by_run, failed, tags):
                       f"{np.mean([m['history'][-1]['time_s'] / len(m['history']) for m in ms]):.1f}",
                       mean_std([m['train_time_s'] / 60 for m in ms], 1)] + [minutes_to(ms, acc) for acc in marks]
                      + [f"{np.mean([m['images_per_s'] for m in ms]):,.0f}",
-                        ', '.join(sorted({m['device'] for m in ms}))])
+                        ', '.join(sorted({machine(m) for m in ms}))])
         lines.append(f"| {label(run, tags)} | " + ' | '.join(cells) + ' |')
     return lines
 

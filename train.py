@@ -32,7 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import apply_config, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
+from configurator import (apply_config, cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb,
+                          resolve_auto)
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, load_dataset, normalize
 from eval import analyse, evaluate, model_config, write_atomic
 from model import ViT
@@ -280,6 +281,8 @@ if init_from == 'resume':
             "rewriting its metrics.json, attention.npz and model.pt (python eval.py does that alone)")
     else:
         log(f"resuming {ckpt_path} at epoch {state['epoch'] + 1}, step {state['step']}")
+if device_type == 'cpu' and state['epoch'] < epochs and cpu_name() not in state.setdefault('cpus', []):
+    state['cpus'].append(cpu_name())  # the CPUs a run trained on: a run resumed on another machine pools their timings
 raw_model = model
 if use_compile:
     model = torch.compile(model)
@@ -345,6 +348,8 @@ def save_metrics(test=None, **final):
                    train_time_s=state['elapsed'], images_per_s=state['train_images'] / max(state['train_time'], 1e-9),
                    device=torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu', precision=dtype,
                    world_size=world_size, torch=torch.__version__)
+    if state.get('cpus'):
+        metrics['cpu'] = state['cpus']
     if failures:
         metrics['failures'] = failures
     metrics.update({k: v for k, v in final.items() if v is not None})  # attn_focus, outliers: after the last epoch

@@ -184,6 +184,16 @@ def test_time_to_validation_accuracy(tmp_path):
     assert row['min to 80% val'] == '40.0 (1 of 3 seeds)'
 
 
+def test_device_column_names_the_cpus_a_run_trained_on(tmp_path):
+    write_run(str(tmp_path), 'cifar10', 'vit', 0, 0.5)  # a run from before train.py recorded its CPU
+    write_run(str(tmp_path), 'cifar10', 'vit', 1, 0.6, cpu=['AMD EPYC (AVX2)'])
+    write_run(str(tmp_path), 'cifar10', 'diff', 0, 0.5, cpu=['Intel Xeon (AVX512, native bfloat16)', 'AMD EPYC (AVX2)'])
+    plot.main(str(tmp_path))
+    rows = table_rows((tmp_path / 'README.md').read_text(), 'params')
+    assert rows['cifar10_vit']['device'] == 'cpu, cpu: AMD EPYC (AVX2)'  # its seeds' timings come from two machines
+    assert rows['cifar10_diff']['device'] == 'cpu: Intel Xeon (AVX512, native bfloat16) + AMD EPYC (AVX2)'  # resumed
+
+
 def test_welch_t_test_matches_reference_values():
     # worked by hand: means 2.5 and 4.5, variances 5/3, t = -2 / sqrt(5/6), df = 6, two-sided p from t tables
     t, p = plot.welch([1.0, 2.0, 3.0, 4.0], [3.0, 4.0, 5.0, 6.0])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from configurator import cpu_name
 from conftest import ROOT, TINY, Forked, run_forked, run_train_fast
 from data import load_dataset, normalize
 from model import ViT, ViTConfig
@@ -44,6 +45,7 @@ def test_run_learns_and_writes_valid_metrics(finished_run):
     assert m['test']['acc'] > 0.9  # ten classes: chance is 0.1
     assert 0 < m['attn_focus'] <= 1
     assert m['train_time_s'] > 0 and m['images_per_s'] > 0 and m['device'] == 'cpu' and m['torch'] == torch.__version__
+    assert m['cpu'] == [cpu_name()] and torch.backends.cpu.get_cpu_capability() in m['cpu'][0]  # what its timings ran on
     assert 'img/s' in proc.stdout and 'val loss' in proc.stdout and 'clean train acc' in proc.stdout
     assert re.search(r'\| ETA (\d+h\d\dm|\d+m\d\ds|\d+s)\n', proc.stdout)  # hours and minutes, not 169794s
     assert torch.load(os.path.join(out_dir, 'model.pt'), weights_only=True).keys() == ViT(
