@@ -52,7 +52,7 @@ gpu_data: gpu_data_part_size
 	cd gpu_data && sha256sum part* > SHA256SUMS && ls -l
 	@echo "$$(ls gpu_data/part* | wc -l) parts: carry gpu_data/SHA256SUMS and one part a call (README, GPU)"
 
-# The committed weights and attention samples (41 of the tree's 47 MB on 2026-12-03, 1.3-1.5 MB more with each run)
+# The committed weights and attention samples (70 of the tree's 76 MB on 2026-12-03, 1.3-1.5 MB more with each run)
 # would soon fill a GPU call's 64 MiB on their own, and no GPU command reads them. gpu_light takes them out of git's
 # index (not off the disk) and ignores them in results/.gitignore (which ignores itself too, and outranks the root
 # .gitignore's !/results/**/model.pt), so that a call leaves them behind; gpu_restore removes that file and puts the
