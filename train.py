@@ -281,8 +281,8 @@ if init_from == 'resume':
             "rewriting its metrics.json, attention.npz and model.pt (python eval.py does that alone)")
     else:
         log(f"resuming {ckpt_path} at epoch {state['epoch'] + 1}, step {state['step']}")
-if device_type == 'cpu' and state['epoch'] < epochs and cpu_name() not in state.setdefault('cpus', []):
-    state['cpus'].append(cpu_name())  # the CPUs a run trained on: a run resumed on another machine pools their timings
+if device_type == 'cpu' and state['epoch'] < epochs and (cpu := cpu_name()) not in state.setdefault('cpus', []):
+    state['cpus'].append(cpu)  # the CPUs a run trained on: a run resumed on another machine pools their timings
 raw_model = model
 if use_compile:
     model = torch.compile(model)
