@@ -21,7 +21,7 @@ if 'OMP_WAIT_POLICY' not in os.environ:  # a policy the user set wins
 import torch
 import torch.nn.functional as F
 
-from configurator import apply_config, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, read_defaults, resolve_auto
+from configurator import apply_config, cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, read_defaults, resolve_auto
 from data import DATASETS, augment_batch, batches, import_torchvision, load_dataset, normalize
 from eval import model_config as run_model_config
 from model import ViT
@@ -61,6 +61,7 @@ PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10
 adapt_threads = device_type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ
 max_threads = torch.get_num_threads()
 LOAD_WINDOW_S = 1.5
+cpu = cpu_name() if device_type == 'cpu' else None  # CPU timings depend on the model and its vector instructions
 
 
 def model_config(kind, impl=attn_impl):
@@ -138,7 +139,7 @@ def bench_step(kind, impl, compiled):
                   batch_size=batch_size, img_per_s=batch_size / dt, step_ms=1000 * dt, peak_mem_mb=peak_memory_mb(device),
                   warmup_s=warmup_s, params=model.num_params(), gflops_per_img=flops_per_image(model.config) / 1e9)
     if device_type == 'cpu':
-        result['threads'] = torch.get_num_threads()
+        result.update(threads=torch.get_num_threads(), cpu=cpu)
     if peak_flops():
         result['mfu'] = result['img_per_s'] * flops_per_image(model.config) / peak_flops()
     return result
@@ -224,7 +225,7 @@ def bench_pipeline(kind):
 
 
 compile_options = [False, True] if compiles == 'auto' else [compiles]
-print(f"{config_name}: {dataset}, batch {batch_size}, {device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+print(f"{config_name}: {dataset}, batch {batch_size}, {device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else f'{cpu}, {torch.get_num_threads()} threads'}), "
       f"{dtype}, torch {torch.__version__}")
 # each column as wide as its header or its widest value, so that the headers sit over the values
 COLUMNS = {'attention': max(map(len, attentions.split(','))), 'impl': max(map(len, impls.split(','))), 'compile': 5,

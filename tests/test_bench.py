@@ -3,6 +3,7 @@ import re
 
 import pytest
 
+from configurator import cpu_name
 from conftest import run_forked
 
 STEP_KEYS = {'config', 'attention', 'impl', 'compile', 'device', 'dtype', 'batch_size', 'img_per_s', 'step_ms',
@@ -27,6 +28,7 @@ def test_bench_reports_every_setting_and_both_pipelines(smoke_run):
     assert {(r['attention'], r['impl']) for r in steps} == {(a, i) for a in ('classic', 'diff', 'diff2') for i in ('fused', 'explicit')}
     assert all(STEP_KEYS <= set(r) and r['img_per_s'] > 0 and r['peak_mem_mb'] > 0 and r['batch_size'] == 32 for r in steps)
     assert all(r['threads'] == 1 for r in steps)  # OMP_NUM_THREADS=1 (the tests' environment) fixes the count
+    assert all(r['cpu'] == cpu_name() for r in steps) and f"cpu ({cpu_name()}, 1 threads)" in smoke_run  # what the timings ran on
     assert 'cores free' not in smoke_run
     pipelines = [r for r in lines if 'pipeline' in r]
     assert sorted((r['attention'], r['pipeline']) for r in pipelines) == [(a, p) for a in ('classic', 'diff', 'diff2')
