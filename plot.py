@@ -471,16 +471,17 @@ def machine(m):
 def dataset_table(dataset, by_run, failed, tags):
     """One row per run_name: its finished runs' numbers, and a row of '–' for a run_name whose runs all failed."""
     marks = VAL_ACC_MARKS.get(dataset, ())
-    header = (['model', 'params', 'val loss', 'test loss', 'test acc (%)', 'train acc (clean, %)', 'attention focus',
-               'seeds', 'failed', 's/epoch', 'min per run'] + [f"min to {100 * acc:.0f}% val" for acc in marks]
-              + ['img/s', 'device'])
+    header = (['model', 'params', 'val loss', 'val acc (%)', 'test loss', 'test acc (%)', 'train acc (clean, %)',
+               'attention focus', 'seeds', 'failed', 's/epoch', 'min per run']
+              + [f"min to {100 * acc:.0f}% val" for acc in marks] + ['img/s', 'device'])
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for run in ordered(set(by_run) | {r for r, ms in failed.items() if ms}):
         ms = by_run.get(run, [])
         if not ms:
-            cells = ['–'] * 6 + ['0', failed_cell(ms, failed[run])] + ['–'] * (len(header) - 9)
+            cells = ['–'] * 7 + ['0', failed_cell(ms, failed[run])] + ['–'] * (len(header) - 10)
         else:
             cells = ([f"{ms[0]['params']:,}", mean_std([stat(m, 'val_loss') for m in ms], 4),
+                      mean_std([100 * stat(m, 'val_acc') for m in ms], 2),
                       mean_std([stat(m, 'test_loss') for m in ms], 4),
                       mean_std([100 * stat(m, 'test_acc') for m in ms], 2),
                       cell([100 * stat(m, 'train_clean_acc') for m in ms], 2),

@@ -80,11 +80,12 @@ def test_figures_and_table(results, capsys, monkeypatch):
     rows = [line for line in table.splitlines() if line.startswith('| mnist_')]
     assert [r.split(' | ')[0] for r in rows] == ['| mnist_vit', '| mnist_balanced', '| mnist_diff']
     vit = rows[0].split(' | ')
-    assert vit[4] == '98.00 ± 1.00'  # test acc in %, mean ± sample std
-    assert vit[3] == '0.0200 ± 0.0100'  # test loss
+    assert vit[5] == '98.00 ± 1.00'  # test acc in %, mean ± sample std
+    assert vit[4] == '0.0200 ± 0.0100'  # test loss
     assert vit[2] == f"{np.mean([0.25, 0.26, 0.27]):.4f} ± 0.0100"  # last epoch's val loss
-    assert vit[5] == '–'  # clean training accuracy: these runs predate it
-    assert vit[6] == '0.490 ± 0.005' and vit[7] == '3' and vit[8] == '0' and vit[9] == '2.0' and vit[10] == '0.1 ± 0.0'
+    assert vit[3] == '96.75 ± 1.00'  # last epoch's val acc (%): what the learning rate is chosen on
+    assert vit[6] == '–'  # clean training accuracy: these runs predate it
+    assert vit[7] == '0.490 ± 0.005' and vit[8] == '3' and vit[9] == '0' and vit[10] == '2.0' and vit[11] == '0.1 ± 0.0'
     assert 'min to 70% val' not in table  # MNIST reaches it in the first epoch: only CIFAR-10 reports it
     assert '95.51' in table  # the old project's table sits beside ours
     assert 'mnist_diff vs mnist_balanced, test acc (points): +3.1000' in table
@@ -206,7 +207,7 @@ def test_runs_without_attention_sample_still_plot(tmp_path):
     plot.main(str(tmp_path))
     assert (tmp_path / 'cifar10_val_loss.png').exists() and not (tmp_path / 'cifar10_attention.png').exists()
     row = next(line for line in (tmp_path / 'README.md').read_text().splitlines() if line.startswith('| cifar10_vit'))
-    assert row.split(' | ')[4] == '50.00' and row.split(' | ')[7] == '1'  # one seed: the value, no ± 0
+    assert row.split(' | ')[5] == '50.00' and row.split(' | ')[8] == '1'  # one seed: the value, no ± 0
 
 
 @pytest.mark.parametrize('setup,message', [
