@@ -478,9 +478,9 @@ def dataset_table(dataset, by_run, failed, tags):
     for run in ordered(set(by_run) | {r for r, ms in failed.items() if ms}):
         ms = by_run.get(run, [])
         if not ms:
-            before_seeds = header.index('seeds') - 1  # the cells leave out the model column
-            cells = (['–'] * before_seeds + ['0', failed_cell(ms, failed[run])]
-                     + ['–'] * (len(header) - before_seeds - 3))
+            cells = ['–'] * (len(header) - 1)  # the cells leave out the model column
+            cells[header.index('seeds') - 1] = '0'
+            cells[header.index('failed') - 1] = failed_cell(ms, failed[run])
         else:
             cells = ([f"{ms[0]['params']:,}", mean_std([stat(m, 'val_loss') for m in ms], 4),
                       mean_std([100 * stat(m, 'val_acc') for m in ms], 2),
