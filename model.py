@@ -72,10 +72,24 @@ def qk_norms(config, head_dim):
     return nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
 
 
-def use_explicit(attn_impl, x, return_attn):
+def use_explicit(attn, x, return_attn):
     # the fused kernels pay off on CUDA; on the CPU, at tens of tokens, the explicit matmul-softmax is faster in
-    # bfloat16 (1.1-2.7x per training step in bench.py) and about even in float32
-    return return_attn or attn_impl == 'explicit' or (attn_impl == 'auto' and not x.is_cuda)
+    # bfloat16 (1.1-2.7x per training step in bench.py) and about even in float32. Quantized logits (eval.py) need it.
+    return (return_attn or attn.quantize_logits is not None or attn.attn_impl == 'explicit'
+            or (attn.attn_impl == 'auto' and not x.is_cuda))
+
+
+def attention_logits(q, k):
+    """Q Kᵀ / √d, with the queries scaled rather than the T x T product: T / d times fewer multiplies."""
+    return (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
+
+
+def attention_weights(attn, logits):
+    """softmax over the keys, in float32 under autocast too, as the fused kernels do. eval.py's quantization test sets
+    attn.quantize_logits, a function of the logits of every head (and map) of the layer at once, applied first."""
+    if attn.quantize_logits is not None:
+        logits = attn.quantize_logits(logits)
+    return torch.softmax(logits, dim=-1, dtype=torch.float32)
 
 
 class Attention(nn.Module):
@@ -88,6 +102,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.q_norm, self.k_norm = qk_norms(config, config.n_embd // config.n_head)
+        self.quantize_logits = None
 
     def split_heads(self, x):
         B, T, C = x.size()
@@ -97,14 +112,13 @@ class Attention(nn.Module):
     def logits(self, x):
         """Q Kᵀ / √d, the attention logits before the softmax: (B, nh, T, T)."""
         q, k, _ = self.split_heads(x)
-        return q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        return attention_logits(q, k)
 
     def forward(self, x, return_attn=False):
         B, T, C = x.size()
         q, k, v = self.split_heads(x)
-        if use_explicit(self.attn_impl, x, return_attn):
-            # softmax in float32 under autocast too, as the fused kernels do
-            att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)), dim=-1, dtype=torch.float32)
+        if use_explicit(self, x, return_attn):
+            att = attention_weights(self, attention_logits(q, k))
             y = att @ v
         else:
             att = None
@@ -126,7 +140,8 @@ class DiffAttention(nn.Module):
         A = softmax(Q1 K1ᵀ / √d) − λ softmax(Q2 K2ᵀ / √d)
         λ = exp(λq1 · λk1) − exp(λq2 · λk2) + λ_init
         head = (1 − λ_init) · RMSNorm(A V)
-    The projections have exactly the shapes of the classic layer's.
+    The projections have exactly the shapes of the classic layer's. As in the authors' code, the 2h query/key groups
+    are heads of width d and groups 2i and 2i+1 are Q1, Q2 (K1, K2) of head i: one matmul and one softmax for both maps.
     """
 
     def __init__(self, config, layer_idx):
@@ -143,6 +158,7 @@ class DiffAttention(nn.Module):
         self.lambda_k2 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
         self.subln = nn.RMSNorm(2 * self.head_dim, eps=1e-5)  # head-wise: normalises each head on its own
         self.q_norm, self.k_norm = qk_norms(config, self.head_dim)  # one norm for Q1 and Q2, one for K1 and K2
+        self.quantize_logits = None
 
     def lambda_full(self):
         return (torch.exp(torch.dot(self.lambda_q1, self.lambda_k1))
@@ -150,34 +166,33 @@ class DiffAttention(nn.Module):
                 + self.lambda_init)
 
     def split_heads(self, x):
+        """q, k: (B, 2h, T, d), groups 2i and 2i+1 the Q1, Q2 (K1, K2) of head i; v: (B, h, T, 2d)."""
         B, T, C = x.size()
         h, d = self.n_head, self.head_dim
         q, k, v = self.qkv(x).split(C, dim=2)
-        q1, q2 = self.q_norm(q.view(B, T, h, 2, d)).permute(3, 0, 2, 1, 4)  # each (B, h, T, d)
-        k1, k2 = self.k_norm(k.view(B, T, h, 2, d)).permute(3, 0, 2, 1, 4)
-        v = v.view(B, T, h, 2 * d).transpose(1, 2)  # (B, h, T, 2d)
-        return q1, q2, k1, k2, v
+        q = self.q_norm(q.view(B, T, 2 * h, d)).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, 2 * h, d)).transpose(1, 2)
+        return q, k, v.view(B, T, h, 2 * d).transpose(1, 2)
 
     def logits(self, x):
-        """Q1 K1ᵀ / √d and Q2 K2ᵀ / √d, the logits of both softmaxes: (B, 2h, T, T), every first map, then every second."""
-        q1, q2, k1, k2, _ = self.split_heads(x)
-        return torch.cat([q1 @ k1.transpose(-2, -1), q2 @ k2.transpose(-2, -1)], dim=1) / math.sqrt(self.head_dim)
+        """Q1 K1ᵀ / √d and Q2 K2ᵀ / √d, the logits of both softmaxes: (B, 2h, T, T), maps 2i and 2i+1 those of head i."""
+        q, k, _ = self.split_heads(x)
+        return attention_logits(q, k)
 
     def forward(self, x, return_attn=False):
         B, T, C = x.size()
-        d = self.head_dim
-        q1, q2, k1, k2, v = self.split_heads(x)
+        q, k, v = self.split_heads(x)
         lam = self.lambda_full()
-        if use_explicit(self.attn_impl, x, return_attn):
-            # softmax and the difference in float32 under autocast too: the difference cancels most of the mass
-            att1 = torch.softmax(q1 @ k1.transpose(-2, -1) / math.sqrt(d), dim=-1, dtype=torch.float32)
-            att2 = torch.softmax(q2 @ k2.transpose(-2, -1) / math.sqrt(d), dim=-1, dtype=torch.float32)
-            att = att1 - lam * att2
+        if use_explicit(self, x, return_attn):
+            # the difference in float32 under autocast too: it cancels most of the mass
+            att = attention_weights(self, attention_logits(q, k)).view(B, self.n_head, 2, T, T)
+            att = att[:, :, 0] - lam * att[:, :, 1]
             y = att @ v
         else:
             att = None
             # A V = softmax1 V − λ softmax2 V: two fused calls, no T x T map in memory
-            y = F.scaled_dot_product_attention(q1, k1, v) - lam * F.scaled_dot_product_attention(q2, k2, v)
+            y = (F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], v)
+                 - lam * F.scaled_dot_product_attention(q[:, 1::2], k[:, 1::2], v))
         # normalised in float32, the dtype of its weight, so that RMSNorm runs its fused kernel under autocast too
         y = self.subln(y.float()).type_as(y) * (1 - self.lambda_init)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -204,35 +219,39 @@ class DiffAttentionV2(nn.Module):
         self.lambda_proj = nn.Linear(config.n_embd, config.n_head, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.q_norm, self.k_norm = qk_norms(config, self.head_dim)
+        self.quantize_logits = None
 
     def lambda_full(self, x):
         """λ per token and head, (B, h, T, 1), in float32."""
         return torch.sigmoid(self.lambda_proj(x).float()).transpose(1, 2).unsqueeze(-1)
 
     def split_heads(self, x):
+        """q: (B, h, 2T, d), the Q1 rows of a head and then its Q2 rows, so that both meet the shared K in one matmul;
+        k, v: (B, h, T, d)."""
         B, T, C = x.size()
         h, d = self.n_head, self.head_dim
-        q1, q2 = self.q_norm(self.q(x).view(B, T, h, 2, d)).permute(3, 0, 2, 1, 4)  # each (B, h, T, d)
+        q = self.q_norm(self.q(x).view(B, T, h, 2, d)).permute(0, 2, 3, 1, 4).reshape(B, h, 2 * T, d)
         k, v = self.kv(x).view(B, T, 2, h, d).permute(2, 0, 3, 1, 4)
-        return q1, q2, self.k_norm(k), v
+        return q, self.k_norm(k), v
 
     def logits(self, x):
-        """Q1 Kᵀ / √d and Q2 Kᵀ / √d, the logits of both softmaxes: (B, 2h, T, T), every first map, then every second."""
-        q1, q2, k, _ = self.split_heads(x)
-        return torch.cat([q1 @ k.transpose(-2, -1), q2 @ k.transpose(-2, -1)], dim=1) / math.sqrt(self.head_dim)
+        """Q1 Kᵀ / √d and Q2 Kᵀ / √d, the logits of both softmaxes: (B, 2h, T, T), maps 2i and 2i+1 those of head i."""
+        q, k, _ = self.split_heads(x)
+        B, h, T = k.shape[:3]
+        return attention_logits(q, k).view(B, 2 * h, T, T)
 
     def forward(self, x, return_attn=False):
         B, T, C = x.size()
-        d = self.head_dim
-        q1, q2, k, v = self.split_heads(x)
+        q, k, v = self.split_heads(x)
         lam = self.lambda_full(x)
-        if use_explicit(self.attn_impl, x, return_attn):
-            att1 = torch.softmax(q1 @ k.transpose(-2, -1) / math.sqrt(d), dim=-1, dtype=torch.float32)
-            att2 = torch.softmax(q2 @ k.transpose(-2, -1) / math.sqrt(d), dim=-1, dtype=torch.float32)
-            att = att1 - lam * att2  # each row sums to 1 − λ_t
+        if use_explicit(self, x, return_attn):
+            logits = attention_logits(q, k).view(B, 2 * self.n_head, T, T)
+            att = attention_weights(self, logits).view(B, self.n_head, 2, T, T)
+            att = att[:, :, 0] - lam * att[:, :, 1]  # each row sums to 1 − λ_t
             y = att @ v
         else:
             att = None
+            q1, q2 = q.split(T, dim=2)
             y = F.scaled_dot_product_attention(q1, k, v) - lam * F.scaled_dot_product_attention(q2, k, v)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y), att

@@ -170,11 +170,11 @@ def test_activations_are_the_logits_the_softmaxes_take_and_the_block_outputs(att
         hidden, _ = block(hidden)
         torch.testing.assert_close(out, hidden)
         p = torch.softmax(logits, dim=-1)
-        if attention != 'classic':  # (B, 2h, T, T): every first softmax, then every second
+        if attention != 'classic':  # (B, 2h, T, T): maps 2i and 2i+1 are the two softmaxes of head i
             h = block.attn.n_head
             assert logits.shape == (2, 2 * h, 17, 17)
             lam = block.attn.lambda_full() if attention == 'diff' else block.attn.lambda_full(block.ln_1(hidden_in))
-            p = p[:, :h] - lam * p[:, h:]
+            p = p[:, 0::2] - lam * p[:, 1::2]
         torch.testing.assert_close(p, m, atol=1e-6, rtol=1e-5)
 
 
