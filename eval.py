@@ -13,6 +13,7 @@ Analyses (--only=a,b; default all):
 """
 
 import json
+import math
 import os
 import sys
 from contextlib import nullcontext
@@ -22,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from configurator import ConfigError, configure
-from machine import resolve_auto
 from data import (CORRUPTIONS, DATASETS, batches, box_patches, corrupt, foreground_patches, load_dataset, noise_draws,
                   normalize)
+from machine import keep_freed_memory, resolve_auto
 from model import ViT, ViTConfig, attention_focus
 
 ANALYSES = ('test', 'outliers', 'attention', 'noise')
@@ -60,10 +61,15 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
-def eval_batches(x):
-    """Index batches over images x for inference: 64 on a CPU, where larger ones spill the T x T attention maps out of
-    the cache (1.5-3x slower at 1000), 1000 on a GPU."""
-    return batches(len(x), 64 if x.device.type == 'cpu' else 1000, x.device)
+def eval_batches(model, x):
+    """Index batches over images x for inference by model: 1000 images on a GPU; on a CPU as many as keep one layer's
+    attention maps (n_head of T x T, float32) within 16 MiB of cache, a power of two: cifar10_small 64 (1.5-3x the
+    speed of 1000), MNIST 512, cluttered MNIST 128 (results/NOTES.md, "Speed")."""
+    if x.device.type != 'cpu':
+        return batches(len(x), 1000, x.device)
+    config = getattr(model, 'module', model).config  # through a DDP wrapper (a compiled model passes it on)
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    return batches(len(x), min(1000, 2 ** int(math.log2(max(1, 2 ** 24 // (config.n_head * tokens ** 2 * 4))))), x.device)
 
 
 def relevant_patches(splits, split, dataset, patch_size):
@@ -82,7 +88,7 @@ def evaluate(model, x, y, dataset, autocast, label_smoothing, relevant=None, cor
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=x.device)
-    for idx in eval_batches(x):
+    for idx in eval_batches(model, x):
         images = corrupt(x, idx, *corruption, dataset) if corruption else x[idx]
         with autocast:
             if relevant is not None:
@@ -105,7 +111,7 @@ def outlier_stats(model, x, dataset, autocast, bins=14_000):
     model.eval()
     top = {'attn_logits': torch.zeros(0), 'activations': torch.zeros(0)}
     histograms = {key: torch.zeros(bins, dtype=torch.float64) for key in top}
-    for idx in eval_batches(x):
+    for idx in eval_batches(model, x):
         with autocast:
             for layer in model.activations(normalize(x[idx], dataset)):
                 for key, values in zip(top, layer):
@@ -259,4 +265,5 @@ if __name__ == '__main__':
         only = parse_analyses(options['only'])
     except ValueError as e:
         fail(f"--only: {e}")
+    keep_freed_memory()
     main(folders[0], only, options['data_dir'], options['device'])

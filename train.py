@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
-from machine import cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, load_dataset, normalize
 from eval import analyse, evaluate, model_config, parse_analyses, write_atomic
+from machine import cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
 from model import ViT
 
 keep_freed_memory()
