@@ -115,9 +115,11 @@ def outlier_stats(model, x, dataset, autocast, bins=14_000):
         with autocast:
             for layer in model.activations(normalize(x[idx], dataset)):
                 for key, values in zip(top, layer):
-                    values = values.float().abs().flatten()
-                    top[key] = torch.cat([top[key], values.topk(10).values.cpu()]).topk(10).values
-                    histograms[key] += torch.histc(values.clamp_min(1e-8).log10(), bins, -8, 6).double().cpu()
+                    rows = values.float().abs().flatten(0, -2)
+                    # the 10 largest values lie in the 10 rows of the largest maxima: topk over those (10x faster)
+                    candidates = rows[rows.amax(1).topk(min(10, len(rows))).indices].flatten()
+                    top[key] = torch.cat([top[key], candidates.topk(10).values.cpu()]).topk(10).values
+                    histograms[key] += torch.histc(rows.clamp_min(1e-8).log10(), bins, -8, 6).double().cpu()
     stats = {}
     for key, histogram in histograms.items():
         median_bin = torch.searchsorted(histogram.cumsum(0), histogram.sum() / 2).item()
