@@ -95,13 +95,29 @@ def test_box_patches_are_the_patches_whose_centre_is_inside():
     assert mask[2].all()
 
 
-def test_cluttered_dataset_loads_with_boxes(data_dir):
-    splits = load_dataset('mnist_cluttered', data_dir)
+@pytest.mark.parametrize('name,size', [('mnist_cluttered', 40), ('mnist_cluttered56', 56)])
+def test_cluttered_dataset_loads_with_boxes(data_dir, name, size):
+    splits = load_dataset(name, data_dir)
     for split in ('train', 'val', 'test'):
         x, y = splits[split]
-        assert x.shape[1:] == (1, 40, 40) and len(splits['boxes'][split]) == len(x) == len(y)
+        assert x.shape[1:] == (1, size, size) and len(splits['boxes'][split]) == len(x) == len(y)
+        assert (splits['boxes'][split][:, 2:] <= size).all()
     mnist = load_dataset('mnist', data_dir)
     assert torch.equal(splits['test'][1], mnist['test'][1]) and torch.equal(splits['val'][1], mnist['val'][1])
+
+
+def test_a_larger_canvas_keeps_the_clutter_per_area():
+    """56 x 56 with 8-16 fragments against 40 x 40 with 4-8: about as much clutter ink per pixel (196 / 100 patches)."""
+    digits = torch.zeros(2000, 1, 28, 28, dtype=torch.uint8)
+    digits[:, :, 4:24, 4:24] = 255  # fragments come from the centre: all ink
+    clutter = []  # the share of the pixels outside the digit's box that fragments cover
+    for canvas, fragments in ((40, (4, 8)), (56, (8, 16))):
+        x, boxes = cluttered_mnist(digits, 0, canvas=canvas, fragments=fragments)
+        outside = torch.ones_like(x[:, 0], dtype=torch.bool)
+        for mask, (top, left, bottom, right) in zip(outside, boxes.tolist()):
+            mask[top:bottom, left:right] = False
+        clutter.append((x[:, 0] == 255)[outside].float().mean().item())
+    assert clutter[1] == pytest.approx(clutter[0], rel=0.15)  # 0.18 and 0.21: the 40 canvas loses more to overlaps
 
 
 @pytest.fixture(scope='module')
