@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import (apply_config, cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb,
                           resolve_auto)
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, load_dataset, normalize
-from eval import analyse, evaluate, model_config, write_atomic
+from eval import analyse, evaluate, model_config, say, write_atomic
 from model import ViT
 
 keep_freed_memory()
@@ -144,7 +144,7 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 autocast = (nullcontext() if dtype == 'float32'
             else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
-log = print if master else (lambda *args, **kwargs: None)
+log = say if master else (lambda *args, **kwargs: None)
 
 # out_dir: one run at a time (a lock file for the run's life), never over another run unless asked; all of it
 # before the data loads, so a mistake costs seconds. A run that stops before it trains leaves no folder behind.
