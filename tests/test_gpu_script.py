@@ -168,6 +168,47 @@ def test_queue_resumes_an_interrupted_run_and_skips_finished_ones(data_dir, tmp_
     assert proc.returncode == 1 and 'queue file' in proc.stderr
 
 
+def fake_python(tmp_path):
+    """A stand-in for python that logs each run it is given, then ends it by the name of its out_dir: crash exits 1
+    (an error), stopped exits 143 (SIGTERM: saved), any other finishes (a metrics.json with a test result)."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/bin/sh\nfor a; do case "$a" in --out_dir=*) out=${a#--out_dir=} ;; esac; done\n'
+                    f'echo "$out" >> {tmp_path}/started\n'
+                    'case "$out" in */crash) exit 1 ;; */stopped) exit 143 ;; esac\n'
+                    'echo \'{"test": {}}\' > "$out/metrics.json"\n')
+    fake.chmod(0o755)
+    return fake
+
+
+def test_queue_ends_with_a_count_of_its_runs_and_goes_on_with_a_closed_stdout(tmp_path):
+    runs = tmp_path / 'runs'
+    for name, metrics in (('old', '{"test": {"acc": 0.9}}'), ('diverged', '{"test": null, "failures": ["nan"]}')):
+        (runs / name).mkdir(parents=True)
+        (runs / name / 'metrics.json').write_text(metrics)
+    queue = tmp_path / 'queue.txt'
+    queue.write_text('# finished before, failed before, fails now, stopped, finishes now\n\n'
+                     + ''.join(f"{runs}/{name} config/mnist_vit.py\n"
+                               for name in ('old', 'diverged', 'crash', 'stopped', 'new')))
+    env = dict(os.environ, PYTHON=str(fake_python(tmp_path)))
+    proc = subprocess.run(['bash', 'queue.sh', str(queue)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1].endswith('] done: 2 finished, 1 skipped (failed before), 1 failed now, 1 left')
+    assert (tmp_path / 'started').read_text().split() == [f"{runs}/{name}" for name in ('crash', 'stopped', 'new')]
+
+    # the reader of its stdout gone (`bash queue.sh ... | tee` and tee ended): its lines fail, its runs go on
+    (tmp_path / 'started').unlink()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(['bash', 'queue.sh', str(queue)], cwd=ROOT, env=env, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr == '', proc.stderr
+    assert (tmp_path / 'started').read_text().split() == [f"{runs}/{name}" for name in ('crash', 'stopped')]
+
+
 def test_two_workers_started_together_never_take_the_same_run(tmp_path):
     """train.py takes run.lock only after its imports; queue.sh's claim covers those seconds. A stand-in for python
     that takes 2 s to start logs each run it is given and then finishes it."""
