@@ -53,7 +53,8 @@ RECIPE_KEYS = ('learning_rate', 'min_lr', 'mlp_dim')
 RATE_FOLDER = re.compile(r'lr(\d+(?:\.\d+)?(?:e[-+]?\d+)?)')  # a sweep's folder of one learning rate, e.g. lr4e-3
 REQUIRED = ('run', 'seed', 'dataset', 'config', 'params', 'history', 'test', 'images_per_s', 'device')
 # config keys that cannot change a result (train.py's RESULT_NEUTRAL_KEYS) and the seed: the seeds of one run may differ there
-POOLED_KEYS = ('seed', 'out_dir', 'data_dir', 'log_interval', 'init_from', 'eval_only', 'overwrite')
+POOLED_KEYS = ('seed', 'out_dir', 'data_dir', 'log_interval', 'init_from', 'eval_only', 'overwrite', 'wandb_log',
+               'wandb_project', 'wandb_run_name')
 CLASS_NAMES = {
     'fashionmnist': ('T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot'),
     'cifar10': ('plane', 'car', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'),

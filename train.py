@@ -48,6 +48,9 @@ out_dir = ''  # default: out/<run_name>/seed<seed> (git-ignored); the studies in
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt): give the run's config file and flags again
 overwrite = False  # True: replace the run already in out_dir; without it a run never starts over another
 log_interval = 100  # steps between progress lines (and one at least every 30 s)
+wandb_log = False  # True: the config, progress lines, epochs and analyses to Weights & Biases too (pip install wandb)
+wandb_project = 'nanodiffvision'  # the W&B project of the runs
+wandb_run_name = ''  # the W&B run's name; default: <run_name>_seed<seed>
 # data
 dataset = 'mnist'
 data_dir = 'data'
@@ -87,7 +90,8 @@ run_name = run_name or (os.path.splitext(os.path.basename(config_files[-1]))[0] 
                         else f'{dataset}_{attention}')
 out_dir = out_dir or os.path.join('out', run_name, f'seed{seed}')
 # settings that cannot change a run's result: a resumed run may change them, plot.py pools runs that differ in them
-RESULT_NEUTRAL_KEYS = ('out_dir', 'data_dir', 'log_interval', 'init_from', 'eval_only', 'overwrite')  # eval_only: older checkpoints' setting
+RESULT_NEUTRAL_KEYS = ('out_dir', 'data_dir', 'log_interval', 'init_from', 'eval_only', 'overwrite', 'wandb_log',
+                       'wandb_project', 'wandb_run_name')  # eval_only: older checkpoints' setting
 
 
 def fail(message):
@@ -118,6 +122,11 @@ if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
     fail(f"dtype={dtype!r}: must be 'auto', 'float32', 'bfloat16' or 'float16'")
 if compile not in (True, False, 'auto'):
     fail(f"compile={compile!r}: must be True, False or 'auto'")
+if wandb_log:  # imported only when asked for, as in nanoGPT: wandb is no requirement
+    try:
+        import wandb
+    except ImportError as e:
+        fail("wandb_log=True needs the wandb package: pip install wandb" + ('' if e.name == 'wandb' else f" ({e})"))
 config = {k: globals()[k] for k in config_keys}
 try:
     model_args = model_config(config)
@@ -290,6 +299,13 @@ if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 log(f"{run_name} seed {seed}: {attention} ViT, {raw_model.num_params():,} parameters | device {device} "
     f"({world_size} rank{'s' * (world_size > 1)}), dtype {dtype}, compile {use_compile} | out_dir {out_dir}")
+if wandb_log and master:
+    try:
+        wandb.init(project=wandb_project, name=wandb_run_name or f"{run_name}_seed{seed}",
+                   config={**config, 'params': raw_model.num_params(), 'precision': dtype})
+    except Exception as e:  # not logged in, no network: say so in one line
+        fail(f"wandb.init failed ({type(e).__name__}: {' '.join(str(e).split())}): run `wandb login`, or set "
+             "WANDB_MODE=offline and `wandb sync` later")
 # CPU threads: OpenMP threads that wait by spinning are fastest alone (2 cores: 40% more img/s than passive waiting)
 # but collapse when another process shares the cores (two at once: 4.5x the lone time each). So a CPU run takes the
 # cores that other processes leave free, and looks again every 10 s: two runs on 2 cores settle at one thread each
@@ -423,6 +439,8 @@ while state['epoch'] < epochs:
             seconds_per_step = dt / images_since_log * batch_size
             log(f"epoch {epoch + 1}/{epochs} | step {step + 1}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
                 f"{images_since_log / dt:,.0f} img/s | ETA {duration((total_steps - step - 1) * seconds_per_step)}")
+            if wandb_log and master:
+                wandb.log({'loss': loss.item(), 'lr': lr, 'img_per_s': images_since_log / dt}, step=step + 1)
             if gpu_sized_on_cpu:
                 log(f"note: at this rate all {epochs} epochs take {duration(total_steps * seconds_per_step)} on this CPU")
                 gpu_sized_on_cpu = False
@@ -457,6 +475,8 @@ while state['epoch'] < epochs:
     if master:
         save_checkpoint()
         save_metrics()
+        if wandb_log:
+            wandb.log(epoch_row, step=state['step'])
 
 if master:  # the analyses of eval.py: test, outliers, attention sample, noise
     log(f"trained {state['elapsed']:.0f}s, {state['train_images'] / max(state['train_time'], 1e-9):,.0f} img/s")
@@ -467,5 +487,8 @@ if master:  # the analyses of eval.py: test, outliers, attention sample, noise
     write_atomic(model_path, lambda f: torch.save(weights, f))
     save_metrics(**results)
     log(f"wrote {metrics_path}, {attention_path}, {model_path}, {ckpt_path}")
+    if wandb_log:
+        wandb.summary.update(results)
+        wandb.finish()
 if ddp:
     dist.destroy_process_group()
