@@ -98,6 +98,14 @@ def test_the_working_tree_without_its_weights_leaves_room_for_gpu_data():
     assert light + 8 * 2 ** 20 <= 60 * 2 ** 20, f'{light} bytes travel even without the weights'
 
 
+@pytest.mark.parametrize('venv', ['.venv', 'venv', 'env', 'ENV'])
+def test_a_virtual_environment_made_inside_the_clone_is_ignored(venv):
+    """Most newcomers make the venv inside the clone (python -m venv .venv): git ignores it, so that it stays out of
+    git status and of the tree a GPU call carries (tree_bytes, above: 900 MB of torch would not fit)."""
+    path = f'{venv}/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so'
+    assert subprocess.run(['git', 'check-ignore', '-q', path], cwd=ROOT).returncode == 0
+
+
 def test_gpu_light_leaves_the_weights_behind_and_gpu_restore_undoes_it(tmp_path):
     """In a repository of its own (the Makefile, .gitignore and a fake results/): gpu_light takes the weights and attention
     samples out of the index, not off the disk; `make gpu_data` cuts its parts to fit beside what is left (64 MiB
