@@ -88,6 +88,7 @@ def test_figures_and_table(results, capsys, monkeypatch):
     assert vit[7] == '0.490 ± 0.005' and vit[8] == '3' and vit[9] == '0' and vit[10] == '2.0' and vit[11] == '0.1 ± 0.0'
     assert 'min to 70% val' not in table  # MNIST reaches it in the first epoch: only CIFAR-10 reports it
     assert '95.51' in table  # the old project's table sits beside ours
+    assert table.count('(https://github.com/eithannak29/NanoDiffVision)') == 1  # named and linked once
     assert 'mnist_diff vs mnist_balanced, test acc (points): +3.1000' in table
     assert 'significant (p < 0.05)' in table and 'not significant' in table
 
