@@ -133,16 +133,16 @@ def load_dataset(name, data_dir, device='cpu'):
     expected = spec['train'] + spec['test']
     gunzip_missing(root, expected)
     if not all(os.path.exists(os.path.join(root, f)) for f in expected):
+        missing = f"{name} is not in {root}/ (expected files: {', '.join(expected)})"
+        put = "Put the files there, or point --data_dir at a folder that has them"
         try:
             download(name, data_dir)
         except ImportError as e:  # not a download problem: say what is wrong with the installation
-            raise FileNotFoundError(f"{name} is not in {root}/ and cannot be downloaded: {e}") from None
+            raise FileNotFoundError(f"{missing}. {put}; they cannot be downloaded: {e}") from None
         except Exception as e:
             reason = ' '.join(str(e).split())  # torchvision's messages span lines
-            raise FileNotFoundError(
-                f"{name} is not in {root}/ (expected files: {', '.join(expected)}) and downloading it failed "
-                f"({type(e).__name__}: {reason}). Put the files there, or point --data_dir at a folder that has "
-                f"them, or run once with network access.") from None
+            raise FileNotFoundError(f"{missing} and downloading it failed ({type(e).__name__}: {reason}). {put}, or "
+                                    "run once with network access.") from None
     x_train, y_train = read_split(spec, root, spec['train'])
     x_test, y_test = read_split(spec, root, spec['test'])
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(SPLIT_SEED))

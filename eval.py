@@ -72,6 +72,20 @@ def eval_batches(model, x):
     return batches(len(x), min(1000, 2 ** int(math.log2(max(1, 2 ** 24 // (config.n_head * tokens ** 2 * 4))))), x.device)
 
 
+def say(*args):
+    """print, best effort: a closed stdout (Ctrl-C ends the `| tee` of `python train.py ... | tee log` too) never
+    stops a run before it saves. The line goes to stderr instead, or nowhere where that is closed too: stdout's
+    descriptor is pointed there for good, as Python's docs advise, so that the flush at exit cannot fail either."""
+    try:
+        print(*args, flush=True)  # flushed: lines reach a pipe as they come, and a closed one fails here
+    except OSError:
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        try:
+            print(*args, flush=True)
+        except OSError:  # stderr is closed too
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def relevant_patches(splits, split, dataset, patch_size):
     """(N, P) bool: the patches of each image of a split that attention focus counts as relevant, or None."""
     x = splits[split][0]
@@ -143,7 +157,7 @@ def attention_sample(model, splits, dataset, patch_size, autocast):
     return sample
 
 
-def noise_accuracy(model, splits, dataset, patch_size, autocast, label_smoothing, clean_acc, log=print):
+def noise_accuracy(model, splits, dataset, patch_size, autocast, label_smoothing, clean_acc, log=say):
     """Test accuracy under each of the dataset's corruptions at each severity: {'clean', 'accuracy': {kind:
     {severity: acc}}, 'mean'}, mean over every (kind, severity)."""
     x, y = splits['test']
@@ -158,7 +172,7 @@ def noise_accuracy(model, splits, dataset, patch_size, autocast, label_smoothing
     return dict(clean=clean_acc, accuracy=accuracy, mean=sum(cells) / len(cells))
 
 
-def analyse(model, splits, dataset, patch_size, autocast, label_smoothing, only=ANALYSES, log=print):
+def analyse(model, splits, dataset, patch_size, autocast, label_smoothing, only=ANALYSES, log=say):
     """The analyses named in only, on the plain model: (what they add to metrics.json, the attention sample or None)."""
     results, sample = {}, None
     if 'test' in only or 'noise' in only:
@@ -233,19 +247,19 @@ def main(run_dir, only, data_dir, device):
     except (FileNotFoundError, ValueError) as e:
         fail(e)
     model.to(device)
-    print(f"{run_dir}: {config['attention']} ViT, {model.num_params():,} parameters, {weights_path}, "
+    say(f"{run_dir}: {config['attention']} ViT, {model.num_params():,} parameters, {weights_path}, "
           f"{precision} on {device}")
     results, sample = analyse(model, splits, config['dataset'], config['patch_size'], autocast,
                               config['label_smoothing'], only)
     if metrics.get('test') is None and len(metrics.get('history', [])) < config['epochs']:
-        print(f"{run_dir} has not finished ({len(metrics.get('history', []))} of {config['epochs']} epochs): "
+        say(f"{run_dir} has not finished ({len(metrics.get('history', []))} of {config['epochs']} epochs): "
               f"{metrics_path} is left as it is, so that the run can go on")
         return
     if sample is not None:
         write_atomic(os.path.join(run_dir, 'attention.npz'), lambda f: np.savez_compressed(f, **sample))
     metrics.update(results)
     write_atomic(metrics_path, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
-    print(f"wrote {metrics_path}" + (f", {os.path.join(run_dir, 'attention.npz')}" if sample is not None else ""))
+    say(f"wrote {metrics_path}" + (f", {os.path.join(run_dir, 'attention.npz')}" if sample is not None else ""))
 
 
 if __name__ == '__main__':

@@ -2,13 +2,16 @@
 trained run, reproducible from its committed weights alone."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, one_line_error, run_forked, run_train_fast, synthetic_images
+from conftest import ROOT, TINY, one_line_error, run_forked, run_train_fast, synthetic_images, train_env
 from data import (CORRUPTIONS, DATASETS, box_patches, cluttered_mnist, corrupt, load_dataset, noise_draws,
                   patch_mask)
 
@@ -179,4 +182,24 @@ def test_eval_leaves_an_unfinished_run_to_go_on(small_data_dir, tmp_path):
     (tmp_path / 'model.pt').unlink()
     proc = run_forked('eval.py', tmp_path, f'--data_dir={small_data_dir}', '--only=test')
     assert 'has not finished' in proc.stdout and 'test loss' in proc.stdout
+    assert read(tmp_path) == metrics
+
+
+def test_eval_with_a_closed_stdout_still_writes_its_results(small_data_dir, trained, tmp_path):
+    """`python eval.py RUN | head -1`: the reader gone before eval.py prints; it analyses and writes all the same,
+    and its lines go to stderr."""
+    for name in ('model.pt', 'metrics.json'):
+        shutil.copy(trained / name, tmp_path / name)
+    metrics = read(trained)
+    (tmp_path / 'metrics.json').write_text(json.dumps({k: v for k, v in metrics.items() if k != 'noise'}))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, 'eval.py', tmp_path, f'--data_dir={small_data_dir}', '--only=noise'],
+                              cwd=ROOT, env=train_env(), stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=300)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
+    assert 'noise: mean accuracy' in proc.stderr and f"wrote {tmp_path / 'metrics.json'}" in proc.stderr
     assert read(tmp_path) == metrics
