@@ -199,7 +199,7 @@ def test_wandb_log_records_the_config_progress_lines_epochs_and_analyses(small_d
     pytest.importorskip('wandb')
     monkeypatch.setenv('WANDB_MODE', 'offline')
     monkeypatch.setenv('WANDB_DIR', str(tmp_path))
-    run_train(*args_for(small_data_dir, tmp_path / 'run', '--epochs=2', '--log_interval=4', '--wandb_log=True'))
+    run_train(*args_for(small_data_dir, tmp_path / 'run', '--epochs=2', '--log_interval=4', '--wandb_log=True', '--analyses=all'))
     metrics = read_metrics(tmp_path / 'run')
     (run_dir,) = (tmp_path / 'wandb').glob('offline-run-*')
     records = wandb_records(run_dir)
