@@ -31,13 +31,6 @@ DATASETS = {
         corruptions=('gaussian', 'occlusion', 'distractors'),
         train=('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
         test=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
-    # the same on a 56 x 56 canvas (196 patches of 4 x 4), with as many fragments per area: 8-16
-    'mnist_cluttered56': dict(
-        folder='MNIST/raw', format='idx', file_shape=(1, 28, 28), shape=(1, 56, 56), num_classes=10, num_val=5000,
-        mean=(0.1071,), std=(0.2859,), torchvision_class='MNIST', foreground=True, fragments=(8, 16),
-        corruptions=('gaussian', 'occlusion', 'distractors'),
-        train=('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
-        test=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
     'fashionmnist': dict(
         folder='FashionMNIST/raw', format='idx', shape=(1, 28, 28), num_classes=10, num_val=5000,
         mean=(0.5,), std=(0.5,), torchvision_class='FashionMNIST', foreground=True,
@@ -50,6 +43,9 @@ DATASETS = {
         corruptions=('gaussian', 'occlusion', 'distractors', 'blur', 'contrast'),
         train=tuple(f'data_batch_{i}' for i in range(1, 6)), test=('test_batch',)),
 }
+# cluttered MNIST on a 56 x 56 canvas (196 patches of 4 x 4), with as many fragments per area: 8-16
+DATASETS['mnist_cluttered56'] = dict(DATASETS['mnist_cluttered'], shape=(1, 56, 56), mean=(0.1071,), std=(0.2859,),
+                                     fragments=(8, 16))
 SPLIT_SEED = 42  # the train/val split is the same for every run and every seed
 # a patch is foreground ("ink") when its raw mean pixel value exceeds this fraction of 255; used by the
 # attention-focus measure on MNIST and FashionMNIST (black backgrounds, bright objects)
