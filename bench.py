@@ -225,7 +225,7 @@ if adapt_threads:
     torch.set_num_threads(min(max_threads, free_cores(load, cpu_reading())))
 threads = torch.get_num_threads()
 where = (torch.cuda.get_device_name(device) if device_type == 'cuda'
-           else f"{cpu}, {threads} thread{'s' * (threads > 1)} for every setting")
+         else f"{cpu}, {threads} thread{'s' * (threads > 1)} for every setting")
 print(f"{config_name}: {dataset}, batch {batch_size}, {device} ({where}), "
       f"{dtype}, torch {torch.__version__}")
 # each column as wide as its header or its widest value, so that the headers sit over the values
