@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import (apply_config, cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb,
                           resolve_auto)
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, load_dataset, normalize
-from eval import analyse, evaluate, model_config, write_atomic
+from eval import analyse, evaluate, lambda_stats, model_config, write_atomic
 from model import ViT
 
 keep_freed_memory()
@@ -445,9 +445,12 @@ while state['epoch'] < epochs:
     val_loss, val_acc, _ = evaluate(model, *splits['val'], dataset, autocast, label_smoothing)
     _, train_clean_acc, _ = evaluate(model, *splits['train_clean'], dataset, autocast, label_smoothing)
     state['elapsed'] = time.time() - start
+    # λ per layer (diff2: mean λ_t over the first 1,000 validation images), so that a study sees when λ crosses zero
+    lam = lambda_stats(raw_model, splits['val'][0][:1000], dataset, autocast)
     epoch_row = dict(epoch=epoch + 1, step=state['step'], lr=get_lr(state['step'] - 1), train_loss=train_loss_sum / n,
                      train_acc=train_correct / n, train_clean_acc=train_clean_acc, val_loss=val_loss, val_acc=val_acc,
-                     time_s=state['elapsed'], peak_mem_mb=peak_memory_mb(device))
+                     time_s=state['elapsed'], peak_mem_mb=peak_memory_mb(device),
+                     **({'lambda': lam['layers']} if lam else {}))
     state['history'].append(epoch_row)
     state['best_val_loss'] = min(state['best_val_loss'], val_loss)
     state.update(epoch=epoch + 1, batch=0, epoch_sums=[0.0, 0.0, 0.0])
