@@ -1,14 +1,15 @@
 """
 Training-step throughput of the real model and optimizer, for a config given as to train.py:
 $ python bench.py config/cifar10_diff.py --batch_size=256
-Times forward + backward + AdamW step after warm-up for each setting: attention classic / diff, impl fused
+Times forward + backward + AdamW step after warm-up for each setting: every attention kind, impl fused
 (scaled_dot_product_attention) / explicit (the model's matmul-softmax path, same weights), compile off / on.
-Prints a table and one JSON line per setting. On a CPU each setting is timed with the cores that other processes
-leave free, as train.py trains (its JSON line's threads; OMP_NUM_THREADS fixes the count). With --pipeline=True it
+Prints a table and one JSON line per setting. On a CPU every setting is timed with one thread count, the cores that
+other processes leave free when it starts (its header and JSON lines say which; OMP_NUM_THREADS fixes the count). With --pipeline=True it
 also times whole epochs of the resident data pipeline (data.py) against a torchvision Dataset + DataLoader with
 per-sample transforms, both feeding the same model.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -20,11 +21,13 @@ if 'OMP_WAIT_POLICY' not in os.environ:  # a policy the user set wins
     os.environ.setdefault('GOMP_SPINCOUNT', '3000000')
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from configurator import apply_config, cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, read_defaults, resolve_auto
+from configurator import apply_config, read_defaults
+from machine import cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
 from data import DATASETS, augment_batch, batches, import_torchvision, load_dataset, normalize
 from eval import model_config as run_model_config
-from model import ViT
+from model import ATTENTIONS, ViT
 
 keep_freed_memory()
 
@@ -33,7 +36,7 @@ _train_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.
 globals().update(read_defaults(_train_script))
 # -----------------------------------------------------------------------------
 # benchmark
-attentions = 'classic,diff,diff2'  # which attention kinds to time
+attentions = 'all'  # which attention kinds to time: 'all' (every kind of model.ATTENTIONS) or some, e.g. 'classic,diff'
 impls = 'fused,explicit'  # attention paths: scaled_dot_product_attention, matmul-softmax
 compiles = 'auto'  # 'auto': eager and compiled; or False / True
 warmup_steps = 10
@@ -55,9 +58,9 @@ torch.backends.cudnn.allow_tf32 = True
 spec = DATASETS[dataset]
 # dense bf16 tensor-core peak, for MFU
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12}
-# spinning OpenMP threads collapse on shared cores (results/NOTES.md, "Threads"), so the load is read over at least
-# LOAD_WINDOW_S s of each setting's own warm-up steps, before its timed steps: two benches started together see each
-# other computing, and each times with the cores the other leaves free
+# spinning OpenMP threads collapse on shared cores (results/NOTES.md, "Threads"), so the bench takes the cores that
+# other processes leave free over LOAD_WINDOW_S s before it starts, and times every setting of its table with that one
+# count (compile's worker processes would read as load, and compile guards on the count); OMP_NUM_THREADS fixes it
 adapt_threads = device_type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ
 max_threads = torch.get_num_threads()
 LOAD_WINDOW_S = 1.5
@@ -69,14 +72,12 @@ def model_config(kind, impl=attn_impl):
 
 
 def flops_per_image(config):
-    """Matmul FLOPs of one training image (forward + backward = 3 x forward); norms and activations left out."""
-    tokens = (config.image_size // config.patch_size) ** 2 + 1
-    patch = 2 * (tokens - 1) * config.in_channels * config.patch_size ** 2 * config.n_embd
-    per_layer = 2 * tokens * (4 * config.n_embd ** 2 + 2 * config.n_embd * config.mlp_dim)
-    if config.attention == 'diff2':  # the second queries and the λ projection
-        per_layer += 2 * tokens * (config.n_embd ** 2 + config.n_embd * config.n_head)
-    per_layer += 2 * 2 * tokens ** 2 * config.n_embd * {'classic': 1, 'diff': 1.5, 'diff2': 2}[config.attention]  # QKᵀ, AV
-    return 3 * (patch + config.n_layer * per_layer + 2 * config.n_embd * config.num_classes)
+    """Matmul FLOPs of one training image, forward and backward, on the explicit path, as torch's FlopCounterMode counts
+    them in the model itself (linear layers, patch embedding, QKᵀ and AV); norms and activations left out."""
+    model = ViT(dataclasses.replace(config, attn_impl='explicit'))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, config.in_channels, config.image_size, config.image_size)).sum().backward()
+    return counter.get_total_flops()
 
 
 def peak_flops():
@@ -102,34 +103,23 @@ def sync():
         torch.cuda.synchronize()
 
 
-def fit_threads_to_load(before):
-    threads = min(max_threads, free_cores(before, cpu_reading()))
-    if threads != torch.get_num_threads():
-        print(f"other processes leave {threads} of {max_threads} cores free: timing with {threads} "
-              f"thread{'s' * (threads > 1)}", flush=True)
-        torch.set_num_threads(threads)
-
-
 def bench_step(kind, impl, compiled):
     torch.manual_seed(0)
     model = ViT(model_config(kind, impl)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=True)
+    if compiled:
+        torch._dynamo.reset()  # each setting's own compile: else after 8 models dynamo falls back to eager unannounced
     net = torch.compile(model) if compiled else model
     step = make_step(net, optimizer)
     x = torch.randn(batch_size, *spec['shape'], device=device)
     y = torch.randint(0, spec['num_classes'], (batch_size,), device=device)
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    load = cpu_reading() if adapt_threads else None
     t0 = time.time()
     for _ in range(warmup_steps):
         step(x, y)
     sync()
     warmup_s = time.time() - t0
-    if load is not None:
-        while time.time() - load[0] < LOAD_WINDOW_S:
-            step(x, y)
-        fit_threads_to_load(load)
     t0 = time.time()
     for _ in range(timed_steps):
         step(x, y)
@@ -225,10 +215,21 @@ def bench_pipeline(kind):
 
 
 compile_options = [False, True] if compiles == 'auto' else [compiles]
-print(f"{config_name}: {dataset}, batch {batch_size}, {device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else f'{cpu}, {torch.get_num_threads()} threads'}), "
+kinds = list(ATTENTIONS) if attentions == 'all' else attentions.split(',')
+unknown = [k for k in kinds if k not in ATTENTIONS]
+if unknown:
+    sys.exit(f"error: attentions: unknown kind {', '.join(unknown)}; known: {', '.join(ATTENTIONS)}, or all")
+if adapt_threads:
+    load = cpu_reading()
+    time.sleep(LOAD_WINDOW_S)
+    torch.set_num_threads(min(max_threads, free_cores(load, cpu_reading())))
+threads = torch.get_num_threads()
+where = (torch.cuda.get_device_name(device) if device_type == 'cuda'
+           else f"{cpu}, {threads} thread{'s' * (threads > 1)} for every setting")
+print(f"{config_name}: {dataset}, batch {batch_size}, {device} ({where}), "
       f"{dtype}, torch {torch.__version__}")
 # each column as wide as its header or its widest value, so that the headers sit over the values
-COLUMNS = {'attention': max(map(len, attentions.split(','))), 'impl': max(map(len, impls.split(','))), 'compile': 5,
+COLUMNS = {'attention': max(map(len, kinds)), 'impl': max(map(len, impls.split(','))), 'compile': 5,
            'img/s': 10, 'step ms': 8, 'peak MB': 8, 'MFU': 6}
 widths = [max(len(name), width) for name, width in COLUMNS.items()]
 
@@ -239,7 +240,7 @@ def table_row(*cells):
 
 print(table_row(*COLUMNS))
 results = []
-for kind in attentions.split(','):
+for kind in kinds:
     for impl in impls.split(','):
         for compiled in compile_options:
             r = bench_step(kind, impl, compiled)
@@ -248,16 +249,16 @@ for kind in attentions.split(','):
             print(table_row(kind, impl, str(compiled), f"{r['img_per_s']:,.0f}", f"{r['step_ms']:.2f}",
                             f"{r['peak_mem_mb']:.0f}", mfu), flush=True)
 print(f"model FLOPs per training image (matmuls, fwd + bwd): "
-      + ', '.join(f"{k} {flops_per_image(model_config(k)) / 1e6:.1f} M" for k in attentions.split(',')))
+      + ', '.join(f"{k} {flops_per_image(model_config(k)) / 1e6:.1f} M" for k in kinds))
 for r in results:
     print(json.dumps(r))
 if profile:
     train_split = load_dataset(dataset, data_dir, device)['train']
-    for kind in attentions.split(','):
+    for kind in kinds:
         print(f"profile of {timed_steps} training steps, {kind}, {impls.split(',')[0]}, compile {compile_options[-1]}:")
         print(profile_steps(kind, *train_split))
 if pipeline:
-    for kind in attentions.split(','):
+    for kind in kinds:
         for r in bench_pipeline(kind):
             print(f"pipeline {r['pipeline']:>10} ({kind}): {r['epoch_s']:.1f} s/epoch, {r['img_per_s']:,.0f} img/s")
             print(json.dumps(dict(r, attention=kind)))

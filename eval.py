@@ -25,13 +25,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import ConfigError, configure, resolve_auto
+from configurator import ConfigError, configure
+from machine import resolve_auto
 from data import (CORRUPTIONS, DATASETS, batches, box_patches, corrupt, foreground_patches, load_dataset, noise_draws,
                   normalize)
 from model import ViT, ViTConfig, attention_focus
 
 ANALYSES = ('test', 'outliers', 'attention', 'noise', 'lambda', 'quant')
 QUANT_BITS = (8, 6, 4, 3)
+
+
+def parse_analyses(text):
+    """'all', or analyses separated by commas -> a tuple of names of ANALYSES; ValueError names an unknown one."""
+    names = ANALYSES if text == 'all' else tuple(name for name in text.split(',') if name)
+    unknown = [name for name in names if name not in ANALYSES]
+    if unknown:
+        raise ValueError(f"unknown analysis {', '.join(unknown)}; known: {', '.join(ANALYSES)}, or all")
+    return names
 
 
 def model_config(config):
@@ -55,6 +65,12 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
+def eval_batches(x):
+    """Index batches over images x for inference: 64 on a CPU, where larger ones spill the T x T attention maps out of
+    the cache (1.5-3x slower at 1000), 1000 on a GPU."""
+    return batches(len(x), 64 if x.device.type == 'cpu' else 1000, x.device)
+
+
 def relevant_patches(splits, split, dataset, patch_size):
     """(N, P) bool: the patches of each image of a split that attention focus counts as relevant, or None."""
     x = splits[split][0]
@@ -63,7 +79,7 @@ def relevant_patches(splits, split, dataset, patch_size):
     return foreground_patches(x, patch_size) if DATASETS[dataset]['foreground'] else None
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model, x, y, dataset, autocast, label_smoothing, relevant=None, corruption=None):
     """Loss (with the training label smoothing) and accuracy of model on uint8 images x; with relevant (N, P) also the
     mean attention focus of its last layer (model must then be the plain ViT, not a compiled or DDP wrapper); with
@@ -71,7 +87,7 @@ def evaluate(model, x, y, dataset, autocast, label_smoothing, relevant=None, cor
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=x.device)
-    for idx in batches(len(x), 1000, x.device):
+    for idx in eval_batches(x):
         images = corrupt(x, idx, *corruption, dataset) if corruption else x[idx]
         with autocast:
             if relevant is not None:
@@ -86,7 +102,7 @@ def evaluate(model, x, y, dataset, autocast, label_smoothing, relevant=None, cor
     return loss / len(x), correct / len(x), focus / len(x) if relevant is not None else None
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def outlier_stats(model, x, dataset, autocast, bins=14_000):
     """The DIFF paper's outlier table (its Table 5) over the test set: the largest, the 10th largest and the median
     |value| of the attention logits before each softmax (QKᵀ/√d; both maps of a diff head) and of the residual stream
@@ -94,7 +110,7 @@ def outlier_stats(model, x, dataset, autocast, bins=14_000):
     model.eval()
     top = {'attn_logits': torch.zeros(0), 'activations': torch.zeros(0)}
     histograms = {key: torch.zeros(bins, dtype=torch.float64) for key in top}
-    for idx in batches(len(x), 250, x.device):
+    for idx in eval_batches(x):
         with autocast:
             for layer in model.activations(normalize(x[idx], dataset)):
                 for key, values in zip(top, layer):
@@ -109,7 +125,7 @@ def outlier_stats(model, x, dataset, autocast, bins=14_000):
     return stats
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def attention_sample(model, splits, dataset, patch_size, autocast):
     """The CLS row of every layer's attention for the first 16 test images, the same for every run of a dataset;
     with the digits' boxes where the dataset has them."""
@@ -139,7 +155,7 @@ def noise_accuracy(model, splits, dataset, patch_size, autocast, label_smoothing
     return dict(clean=clean_acc, accuracy=accuracy, mean=sum(cells) / len(cells))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def lambda_stats(model, x, dataset, autocast):
     """What λ learned, per layer, or None for classic attention. diff: {'layers': λ of each layer}; λ ≤ 0 means the
     layer adds its two maps instead of subtracting them. diff2: λ_t of every token and head of images x, per layer:
@@ -152,7 +168,7 @@ def lambda_stats(model, x, dataset, autocast):
     was_training = model.training
     model.eval()
     values = [[] for _ in model.blocks]
-    for idx in batches(len(x), 1000, x.device):
+    for idx in eval_batches(x):
         with autocast:
             h = model.embed(normalize(x[idx], dataset))
             for block, layer in zip(model.blocks, values):
@@ -165,14 +181,14 @@ def lambda_stats(model, x, dataset, autocast):
             'below_0.1': [float((v < 0.1).mean()) for v in values]}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def positive_focus(model, x, relevant, dataset, autocast):
     """Attention focus (model.attention_focus) of the positive part max(A, 0) of the last layer's CLS attention: a
     signed diff map's |A| also counts what the layer subtracts, and where λ < 0 it is att1 + |λ| att2, so only the
     positive part compares with a classic map (for which it is the focus itself)."""
     model.eval()
     total = 0.0
-    for idx in batches(len(x), 1000, x.device):
+    for idx in eval_batches(x):
         with autocast:
             _, maps = model(normalize(x[idx], dataset), return_attn=True)
         total += attention_focus(maps[-1][:, :, 0, 1:].clamp_min(0), relevant[idx]).sum().item()
@@ -325,13 +341,13 @@ if __name__ == '__main__':
     folders = [a for a in args if not a.startswith('--')]
     if len(folders) != 1 or not os.path.isdir(folders[0]):
         fail(f"{folders[0]} is not a folder; {usage}" if len(folders) == 1 else usage)
-    defaults = dict(only=','.join(ANALYSES), data_dir='data', device='auto')
+    defaults = dict(only='all', data_dir='data', device='auto')
     try:
         options = {**defaults, **configure(defaults, [a for a in args if a.startswith('--')])}
     except ConfigError as e:
         fail(e)
-    only = options['only'].split(',')
-    unknown = [a for a in only if a not in ANALYSES]
-    if unknown:
-        fail(f"--only: unknown analysis {', '.join(unknown)}; known: {', '.join(ANALYSES)}")
+    try:
+        only = parse_analyses(options['only'])
+    except ValueError as e:
+        fail(f"--only: {e}")
     main(folders[0], only, options['data_dir'], options['device'])

@@ -56,7 +56,7 @@ RECIPE_KEYS = ('learning_rate', 'min_lr', 'mlp_dim')
 RATE_FOLDER = re.compile(r'lr(\d+(?:\.\d+)?(?:e[-+]?\d+)?)')  # a sweep's folder of one learning rate, e.g. lr4e-3
 REQUIRED = ('run', 'seed', 'dataset', 'config', 'params', 'history', 'test', 'images_per_s', 'device')
 # config keys that cannot change a result (train.py's RESULT_NEUTRAL_KEYS) and the seed: the seeds of one run may differ there
-POOLED_KEYS = ('seed', 'out_dir', 'data_dir', 'log_interval', 'init_from', 'eval_only', 'overwrite')
+POOLED_KEYS = ('seed', 'out_dir', 'data_dir', 'log_interval', 'analyses', 'init_from', 'eval_only', 'overwrite')
 CLASS_NAMES = {
     'fashionmnist': ('T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot'),
     'cifar10': ('plane', 'car', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'),
@@ -749,7 +749,8 @@ def comparable(a, b):
 
 
 def comparison(by_run, tags):
-    """Every run against the study's baselines, its *_vit runs (classic attention, no qk_norm), and a run whose
+    """Every run against the study's baselines, its *_vit runs (classic attention, no qk_norm; those of its own name's
+    prefix where there are such, e.g. cifar10_small_h4_vit for cifar10_small_h4_diff), and a run whose
     attention is not classic also against its *_balanced runs and any classic run of its parameter count (a control
     such as cifar10_small_vit351k for diff2), where comparable() allows: for each of TESTS the
     difference of means with its Welch 95% CI, whether it exceeds 2 std, and Welch's t-test, whose p is Holm-corrected
@@ -766,7 +767,9 @@ def comparison(by_run, tags):
         # a differential run also against balanced, and against a classic control of its parameter count (within 1%)
         controls = [r for r in classic if r not in vits and (r.endswith('_balanced') or
                     abs(by_run[r][0]['params'] - a[0]['params']) <= 0.01 * a[0]['params'])]
-        for other in vits + (controls if a[0]['config']['attention'] != 'classic' else []):
+        # a study along an axis names its runs <axis setting>_<variant>: each against the vit of its own setting
+        own_vits = [r for r in vits if r.rsplit('_', 1)[0] == run.rsplit('_', 1)[0]] or vits
+        for other in own_vits + (controls if a[0]['config']['attention'] != 'classic' else []):
             b = by_run[other]
             pair = f"{label(run, tags)} vs {label(other, tags)}"
             recipe, rest = comparable(a[0], b[0])

@@ -32,10 +32,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import (apply_config, cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb,
-                          resolve_auto)
+from configurator import apply_config
+from machine import cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, load_dataset, normalize
-from eval import analyse, evaluate, lambda_stats, model_config, write_atomic
+from eval import analyse, evaluate, lambda_stats, model_config, parse_analyses, write_atomic
 from model import ViT
 
 keep_freed_memory()
@@ -48,6 +48,7 @@ out_dir = ''  # default: out/<run_name>/seed<seed> (git-ignored); the studies in
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt): give the run's config file and flags again
 overwrite = False  # True: replace the run already in out_dir; without it a run never starts over another
 log_interval = 100  # steps between progress lines (and one at least every 30 s)
+analyses = 'outliers,attention'  # eval.py's, after the test set: outliers, attention, noise, lambda, quant (noise and quant: minutes on CIFAR-10; the studies run all), 'all', or ''
 # data
 dataset = 'mnist'
 data_dir = 'data'
@@ -87,7 +88,7 @@ run_name = run_name or (os.path.splitext(os.path.basename(config_files[-1]))[0] 
                         else f'{dataset}_{attention}')
 out_dir = out_dir or os.path.join('out', run_name, f'seed{seed}')
 # settings that cannot change a run's result: a resumed run may change them, plot.py pools runs that differ in them
-RESULT_NEUTRAL_KEYS = ('out_dir', 'data_dir', 'log_interval', 'init_from', 'eval_only', 'overwrite')  # eval_only: older checkpoints' setting
+RESULT_NEUTRAL_KEYS = ('out_dir', 'data_dir', 'log_interval', 'analyses', 'init_from', 'eval_only', 'overwrite')  # eval_only: older checkpoints' setting
 
 
 def fail(message):
@@ -121,6 +122,7 @@ if compile not in (True, False, 'auto'):
 config = {k: globals()[k] for k in config_keys}
 try:
     model_args = model_config(config)
+    final_analyses = ('test',) + parse_analyses(analyses)
 except ValueError as e:
     fail(e)
 
@@ -311,6 +313,7 @@ def fit_threads_to_load():
 
 if adapt_threads:
     fit_threads_to_load()
+    adapt_threads = not use_compile  # compile guards on the thread count: each change would recompile (after 8, eager)
 log(f"{epochs} epochs of {steps_per_epoch} steps, batch {batch_size}, warmup {warmup_steps} steps "
     f"({warmup_steps / steps_per_epoch:.2g} epochs), lr {learning_rate:g} -> {min_lr:g}")
 # a model sized for a GPU (config/cifar10_*.py) takes days on a CPU: say so, and what CPUs run instead
@@ -461,14 +464,15 @@ while state['epoch'] < epochs:
         save_checkpoint()
         save_metrics()
 
-if master:  # the analyses of eval.py: test, outliers, attention sample, noise
+if master:  # the analyses of eval.py: test, and those in analyses
     log(f"trained {state['elapsed']:.0f}s, {state['train_images'] / max(state['train_time'], 1e-9):,.0f} img/s")
-    results, sample = analyse(raw_model, splits, dataset, patch_size, autocast, label_smoothing, log=log)
-    write_atomic(attention_path, lambda f: np.savez_compressed(f, **sample))
+    results, sample = analyse(raw_model, splits, dataset, patch_size, autocast, label_smoothing, final_analyses, log)
+    if sample is not None:
+        write_atomic(attention_path, lambda f: np.savez_compressed(f, **sample))
     # the final weights alone, float32, for eval.py and anyone's new analysis; the optimizer stays in ckpt.pt
     weights = {k: v.detach().float().cpu() for k, v in raw_model.state_dict().items()}
     write_atomic(model_path, lambda f: torch.save(weights, f))
     save_metrics(**results)
-    log(f"wrote {metrics_path}, {attention_path}, {model_path}, {ckpt_path}")
+    log(f"wrote {metrics_path}, {attention_path + ', ' if sample is not None else ''}{model_path}, {ckpt_path}")
 if ddp:
     dist.destroy_process_group()

@@ -108,7 +108,7 @@ FORK_SERVER = r"""
 import atexit, json, os, runpy, signal, sys, traceback
 if 'OMP_WAIT_POLICY' not in os.environ:  # as train.py and bench.py do before torch loads
     os.environ.setdefault('GOMP_SPINCOUNT', '3000000')
-import numpy, torch, torch._dynamo, configurator, data, model
+import numpy, torch, torch._dynamo, configurator, data, machine, model
 
 
 def spawn(script, args, out, err, timeout):

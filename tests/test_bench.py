@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-from configurator import cpu_name
-from conftest import run_forked
+from machine import cpu_name
+from conftest import one_line_error, run_forked
 
 STEP_KEYS = {'config', 'attention', 'impl', 'compile', 'device', 'dtype', 'batch_size', 'img_per_s', 'step_ms',
              'peak_mem_mb', 'threads'}
@@ -28,8 +28,7 @@ def test_bench_reports_every_setting_and_both_pipelines(smoke_run):
     assert {(r['attention'], r['impl']) for r in steps} == {(a, i) for a in ('classic', 'diff', 'diff2') for i in ('fused', 'explicit')}
     assert all(STEP_KEYS <= set(r) and r['img_per_s'] > 0 and r['peak_mem_mb'] > 0 and r['batch_size'] == 32 for r in steps)
     assert all(r['threads'] == 1 for r in steps)  # OMP_NUM_THREADS=1 (the tests' environment) fixes the count
-    assert all(r['cpu'] == cpu_name() for r in steps) and f"cpu ({cpu_name()}, 1 threads)" in smoke_run  # what the timings ran on
-    assert 'cores free' not in smoke_run
+    assert all(r['cpu'] == cpu_name() for r in steps) and f"cpu ({cpu_name()}, 1 thread for every setting)" in smoke_run
     pipelines = [r for r in lines if 'pipeline' in r]
     assert sorted((r['attention'], r['pipeline']) for r in pipelines) == [(a, p) for a in ('classic', 'diff', 'diff2')
                                                                           for p in ('dataloader', 'resident')]
@@ -49,12 +48,12 @@ def test_bench_table_headers_sit_over_their_columns(smoke_run):
         assert [m.end() for m in re.finditer(r'\S+', row)] == ends, '\n'.join([lines[header], row])
 
 
-# bench.py with a fake /proc/stat (configurator.cpu_reading) on a machine of 2 cores: another process keeps one core
+# bench.py with a fake /proc/stat (machine.cpu_reading) on a machine of 2 cores: another process keeps one core
 # busy during the first 4 readings, then none. The first argument is OMP_NUM_THREADS ('' for none); the torch thread
 # count starts as a fresh process's would; the readings' times are printed at the end.
 FAKE_LOAD = r"""
 import json, os, runpy, sys, time
-import configurator, torch
+import machine, torch
 readings = []
 
 
@@ -65,7 +64,7 @@ def cpu_reading():
     return now, others * now + own, own
 
 
-configurator.cpu_reading = cpu_reading
+machine.cpu_reading = cpu_reading
 os.sched_getaffinity = lambda pid: {0, 1}
 omp = sys.argv.pop(1)
 if omp:
@@ -80,21 +79,48 @@ print('readings', json.dumps(readings))
 
 
 @pytest.mark.parametrize('omp', ['', '2'])
-def test_bench_fits_its_threads_to_the_load_before_each_timing(tmp_path, omp):
-    """Two benches started together must not time with spinning threads on shared cores: each setting reads the load
-    over its warm-up (1.5 s at least) and times with the cores that other processes leave free, logging each change in
-    one line. OMP_NUM_THREADS fixes the count: no reading then."""
+def test_bench_times_every_setting_with_the_threads_the_load_leaves(tmp_path, omp):
+    """Two benches started together must not time with spinning threads on shared cores: the bench reads the load over
+    1.5 s before it starts and times every setting of its table with the cores that other processes left free then, a
+    count its header names (a count that changed between settings would make the table unreadable, and recompile a
+    compiled model). OMP_NUM_THREADS fixes the count: no reading then."""
     script = tmp_path / 'fake_load.py'
     script.write_text(FAKE_LOAD)
     proc = run_forked(str(script), omp, *TINY_BENCH, '--impls=explicit')
     lines = proc.stdout.splitlines()
     rows = [json.loads(line) for line in lines if line.startswith('{')]
     readings = json.loads(next(line for line in lines if line.startswith('readings '))[len('readings '):])
-    changes = [line for line in lines if 'cores free' in line]
+    header = next(line for line in lines if 'for every setting' in line)
     if omp:
-        assert [r['threads'] for r in rows] == [2, 2, 2] and not readings and not changes
+        assert [r['threads'] for r in rows] == [2, 2, 2] and not readings and '2 threads for every setting' in header
         return
-    assert [r['attention'] for r in rows] == ['classic', 'diff', 'diff2'] and [r['threads'] for r in rows] == [1, 1, 2]
-    assert len(readings) == 6 and all(after - before >= 1.5 for before, after in zip(readings[::2], readings[1::2]))
-    assert changes == ['other processes leave 1 of 2 cores free: timing with 1 thread',
-                       'other processes leave 2 of 2 cores free: timing with 2 threads']
+    assert [r['attention'] for r in rows] == ['classic', 'diff', 'diff2'] and [r['threads'] for r in rows] == [1, 1, 1]
+    assert len(readings) == 2 and readings[1] - readings[0] >= 1.5 and '1 thread for every setting' in header
+
+
+# bench.py with a fourth attention kind: classic attention under another name, one class and one entry in ATTENTIONS
+TOY_KIND = r"""
+import runpy, sys
+import model
+
+
+class Toy(model.Attention):
+    pass
+
+
+model.ATTENTIONS['toy'] = Toy
+sys.argv[0] = 'bench.py'
+runpy.run_path('bench.py', run_name='__main__')
+"""
+
+
+def test_bench_times_every_kind_the_model_has(tmp_path):
+    """The kinds come from model.ATTENTIONS and their FLOPs from the model: a new kind needs nothing in bench.py."""
+    script = tmp_path / 'toy_kind.py'
+    script.write_text(TOY_KIND)
+    proc = run_forked(str(script), *TINY_BENCH, '--impls=explicit')
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+    assert [r['attention'] for r in rows] == ['classic', 'diff', 'diff2', 'toy']
+    assert rows[3]['gflops_per_img'] == rows[0]['gflops_per_img'] > 0
+    assert rows[2]['gflops_per_img'] > rows[0]['gflops_per_img']  # diff2's second queries and λ projection
+    one_line_error(run_forked('bench.py', *TINY_BENCH, '--attentions=classic,flash', check=False), 'unknown kind flash')

@@ -109,7 +109,8 @@ def test_cluttered_dataset_loads_with_boxes(data_dir):
 @pytest.fixture(scope='module')
 def trained(small_data_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp('eval_run')
-    run_train_fast('config/mnist_diff.py', f'--data_dir={small_data_dir}', f'--out_dir={out_dir}', '--epochs=1', *TINY)
+    run_train_fast('config/mnist_diff.py', f'--data_dir={small_data_dir}', f'--out_dir={out_dir}', '--epochs=1',
+                   '--analyses=all', *TINY)
     return out_dir
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from configurator import free_cores
+from machine import free_cores
 from conftest import ROOT, TINY, Forked, args_for, one_line_error, run_forked, run_train_fast
 
 

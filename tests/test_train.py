@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from configurator import cpu_name
-from conftest import ROOT, TINY, Forked, run_forked, run_train_fast
+from machine import cpu_name
+from conftest import ROOT, TINY, Forked, one_line_error, run_forked, run_train_fast
 from data import load_dataset, normalize
 from model import ViT, ViTConfig
 
@@ -52,6 +52,23 @@ def test_run_learns_and_writes_valid_metrics(finished_run):
         ViTConfig(n_layer=1, n_embd=32, mlp_dim=64)).state_dict().keys()
     assert set(m['outliers']) == {'attn_logits', 'activations'}
     assert all(o['top1'] >= o['top10'] >= o['median'] > 0 for o in m['outliers'].values())
+    assert 'noise' not in m  # the slow analysis runs only when asked for (--analyses)
+
+
+def test_analyses_choose_what_ends_a_run(small_data_dir, tmp_path):
+    """The test set always; the others as --analyses names them; a bad name is one line before anything slow."""
+    run_train_fast('config/mnist_vit.py', f'--data_dir={small_data_dir}', f'--out_dir={tmp_path / "none"}',
+                   '--epochs=1', '--analyses=', *TINY)
+    m = read_metrics(tmp_path / 'none')
+    assert m['test']['acc'] > 0 and not {'outliers', 'noise'} & set(m) and not (tmp_path / 'none' / 'attention.npz').exists()
+    run_train_fast('config/mnist_vit.py', f'--data_dir={small_data_dir}', f'--out_dir={tmp_path / "noise"}',
+                   '--epochs=1', '--analyses=noise', *TINY)
+    m = read_metrics(tmp_path / 'noise')
+    assert m['noise']['clean'] == m['test']['acc'] and 'outliers' not in m
+    proc = run_forked('train.py', 'config/mnist_vit.py', f'--out_dir={tmp_path / "bad"}', '--analyses=test,speed',
+                      check=False)
+    one_line_error(proc, 'unknown analysis speed')
+    assert not (tmp_path / 'bad').exists()
 
 
 def test_outliers_are_the_exact_top_values_and_median(small_data_dir, tmp_path):
