@@ -19,7 +19,7 @@ help:
 
 mnist fashionmnist cifar10 cifar10_small:
 	@for seed in $(SEEDS); do for v in $(VARIANTS); do \
-		$(PYTHON) train.py config/$@_$$v.py --seed=$$seed --out_dir=results/$@_$$v/seed$$seed $(ARGS) || exit 1; \
+		$(PYTHON) train.py config/$@_$$v.py --seed=$$seed --out_dir=results/$@_$$v/seed$$seed --analyses=all $(ARGS) || exit 1; \
 	done; done
 	$(PYTHON) plot.py results/
 

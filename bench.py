@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from configurator import apply_config, read_defaults
-from machine import cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
 from data import DATASETS, augment_batch, batches, import_torchvision, load_dataset, normalize
 from eval import model_config as run_model_config
+from machine import cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
 from model import ATTENTIONS, ViT
 
 keep_freed_memory()

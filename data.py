@@ -23,11 +23,18 @@ DATASETS = {
         corruptions=('gaussian', 'occlusion', 'distractors'),
         train=('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
         test=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
-    # MNIST's digits on a 40 x 40 canvas among fragments of other digits (cluttered_mnist below); attention focus
+    # MNIST's digits on a 40 x 40 canvas among 4-8 fragments of other digits (cluttered_mnist below); attention focus
     # is the share of attention on the digit's own box
     'mnist_cluttered': dict(
         folder='MNIST/raw', format='idx', file_shape=(1, 28, 28), shape=(1, 40, 40), num_classes=10, num_val=5000,
-        mean=(0.1330,), std=(0.3132,), torchvision_class='MNIST', foreground=True,
+        mean=(0.1330,), std=(0.3132,), torchvision_class='MNIST', foreground=True, fragments=(4, 8),
+        corruptions=('gaussian', 'occlusion', 'distractors'),
+        train=('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+        test=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
+    # the same on a 56 x 56 canvas (196 patches of 4 x 4), with as many fragments per area: 8-16
+    'mnist_cluttered56': dict(
+        folder='MNIST/raw', format='idx', file_shape=(1, 28, 28), shape=(1, 56, 56), num_classes=10, num_val=5000,
+        mean=(0.1071,), std=(0.2859,), torchvision_class='MNIST', foreground=True, fragments=(8, 16),
         corruptions=('gaussian', 'occlusion', 'distractors'),
         train=('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
         test=('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')),
@@ -126,28 +133,30 @@ def load_dataset(name, data_dir, device='cpu'):
     expected = spec['train'] + spec['test']
     gunzip_missing(root, expected)
     if not all(os.path.exists(os.path.join(root, f)) for f in expected):
+        missing = f"{name} is not in {root}/ (expected files: {', '.join(expected)})"
+        put = "Put the files there, or point --data_dir at a folder that has them"
         try:
             download(name, data_dir)
         except ImportError as e:  # not a download problem: say what is wrong with the installation
-            raise FileNotFoundError(f"{name} is not in {root}/ and cannot be downloaded: {e}") from None
+            raise FileNotFoundError(f"{missing}. {put}; they cannot be downloaded: {e}") from None
         except Exception as e:
             reason = ' '.join(str(e).split())  # torchvision's messages span lines
-            raise FileNotFoundError(
-                f"{name} is not in {root}/ (expected files: {', '.join(expected)}) and downloading it failed "
-                f"({type(e).__name__}: {reason}). Put the files there, or point --data_dir at a folder that has "
-                f"them, or run once with network access.") from None
+            raise FileNotFoundError(f"{missing} and downloading it failed ({type(e).__name__}: {reason}). {put}, or "
+                                    "run once with network access.") from None
     x_train, y_train = read_split(spec, root, spec['train'])
     x_test, y_test = read_split(spec, root, spec['test'])
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(SPLIT_SEED))
     train_idx, val_idx = perm[:len(x_train) - spec['num_val']], perm[len(x_train) - spec['num_val']:]
-    if name == 'mnist_cluttered':  # each canvas from the digits of its own file: test from t10k
-        (x_train, train_boxes), (x_test, test_boxes) = cluttered_mnist(x_train, 0), cluttered_mnist(x_test, 1)
+    if 'fragments' in spec:  # cluttered: each canvas from the digits of its own file, test from t10k
+        canvas = dict(canvas=spec['shape'][-1], fragments=spec['fragments'])
+        (x_train, train_boxes), (x_test, test_boxes) = (cluttered_mnist(x_train, 0, **canvas),
+                                                        cluttered_mnist(x_test, 1, **canvas))
         boxes = {'train': train_boxes[train_idx], 'val': train_boxes[val_idx], 'test': test_boxes}
     splits = {'train': (x_train[train_idx], y_train[train_idx]),
               'val': (x_train[val_idx], y_train[val_idx]),
               'test': (x_test, y_test)}
     splits = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
-    if name == 'mnist_cluttered':
+    if 'fragments' in spec:
         splits['boxes'] = {k: b.to(device) for k, b in boxes.items()}
     return splits
 

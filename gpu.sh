@@ -72,7 +72,7 @@ left=$((BUDGET_S - SECONDS - 30))  # 30 s to pack
 [ "$left" -lt 1 ] && left=1  # queue.sh then starts nothing (BUDGET_S=0 would mean no limit)
 say "4/4 the queue $QUEUE, $WORKERS at once, for ${left} s, into $runs/"
 for w in $(seq "$WORKERS"); do
-  BUDGET_S=$left PYTHON=$PY PREFIX="$runs/" ARGS="--data_dir=$DATA_DIR $queue_args" \
+  BUDGET_S=$left PYTHON=$PY PREFIX="$runs/" ARGS="--data_dir=$DATA_DIR --analyses=all $queue_args" \
     bash queue.sh "$QUEUE" > "$out/queue_worker$w.log" 2>&1 &
   sleep 1  # each worker takes the next run that nobody holds
 done

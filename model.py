@@ -74,22 +74,18 @@ def qk_norms(config, head_dim):
 
 def use_explicit(attn, x, return_attn):
     # the fused kernels pay off on CUDA; on the CPU, at tens of tokens, the explicit matmul-softmax is faster in
-    # bfloat16 (1.1-2.7x per training step in bench.py) and about even in float32. Quantized logits (eval.py) need it.
+    # bfloat16 (1.1-2.7x per training step in bench.py) and about even in float32. Quantized logits need it.
     return (return_attn or attn.quantize_logits is not None or attn.attn_impl == 'explicit'
             or (attn.attn_impl == 'auto' and not x.is_cuda))
 
 
-def attention_logits(q, k):
-    """Q Kᵀ / √d, with the queries scaled rather than the T x T product: T / d times fewer multiplies."""
-    return (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
-
-
-def attention_weights(attn, logits):
-    """softmax over the keys, in float32 under autocast too, as the fused kernels do. eval.py's quantization test sets
-    attn.quantize_logits, a function of the logits of every head (and map) of the layer at once, applied first."""
+def attention_weights(attn, *logits):
+    """The softmax over the keys of each of a layer's maps, in float32 under autocast too, as the fused kernels do.
+    eval.py's quantization test sets attn.quantize_logits: a function of the logits of every map of the layer at once,
+    (B, maps, T, T) as logits() gives them, applied first."""
     if attn.quantize_logits is not None:
-        logits = attn.quantize_logits(logits)
-    return torch.softmax(logits, dim=-1, dtype=torch.float32)
+        logits = attn.quantize_logits(torch.cat(logits, dim=1)).split(logits[0].size(1), dim=1)
+    return [torch.softmax(x, dim=-1, dtype=torch.float32) for x in logits]
 
 
 class Attention(nn.Module):
@@ -112,13 +108,13 @@ class Attention(nn.Module):
     def logits(self, x):
         """Q Kᵀ / √d, the attention logits before the softmax: (B, nh, T, T)."""
         q, k, _ = self.split_heads(x)
-        return attention_logits(q, k)
+        return q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
 
     def forward(self, x, return_attn=False):
         B, T, C = x.size()
         q, k, v = self.split_heads(x)
         if use_explicit(self, x, return_attn):
-            att = attention_weights(self, attention_logits(q, k))
+            att, = attention_weights(self, q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)))
             y = att @ v
         else:
             att = None
@@ -140,8 +136,7 @@ class DiffAttention(nn.Module):
         A = softmax(Q1 K1ᵀ / √d) − λ softmax(Q2 K2ᵀ / √d)
         λ = exp(λq1 · λk1) − exp(λq2 · λk2) + λ_init
         head = (1 − λ_init) · RMSNorm(A V)
-    The projections have exactly the shapes of the classic layer's. As in the authors' code, the 2h query/key groups
-    are heads of width d and groups 2i and 2i+1 are Q1, Q2 (K1, K2) of head i: one matmul and one softmax for both maps.
+    The projections have exactly the shapes of the classic layer's.
     """
 
     def __init__(self, config, layer_idx):
@@ -166,33 +161,34 @@ class DiffAttention(nn.Module):
                 + self.lambda_init)
 
     def split_heads(self, x):
-        """q, k: (B, 2h, T, d), groups 2i and 2i+1 the Q1, Q2 (K1, K2) of head i; v: (B, h, T, 2d)."""
         B, T, C = x.size()
         h, d = self.n_head, self.head_dim
         q, k, v = self.qkv(x).split(C, dim=2)
-        q = self.q_norm(q.view(B, T, 2 * h, d)).transpose(1, 2)
-        k = self.k_norm(k.view(B, T, 2 * h, d)).transpose(1, 2)
-        return q, k, v.view(B, T, h, 2 * d).transpose(1, 2)
+        q1, q2 = self.q_norm(q.view(B, T, h, 2, d)).permute(3, 0, 2, 1, 4)  # each (B, h, T, d)
+        k1, k2 = self.k_norm(k.view(B, T, h, 2, d)).permute(3, 0, 2, 1, 4)
+        v = v.view(B, T, h, 2 * d).transpose(1, 2)  # (B, h, T, 2d)
+        return q1, q2, k1, k2, v
 
     def logits(self, x):
-        """Q1 K1ᵀ / √d and Q2 K2ᵀ / √d, the logits of both softmaxes: (B, 2h, T, T), maps 2i and 2i+1 those of head i."""
-        q, k, _ = self.split_heads(x)
-        return attention_logits(q, k)
+        """Q1 K1ᵀ / √d and Q2 K2ᵀ / √d, the logits of both softmaxes: (B, 2h, T, T), every first map, then every second."""
+        q1, q2, k1, k2, _ = self.split_heads(x)
+        return torch.cat([q1 @ k1.transpose(-2, -1), q2 @ k2.transpose(-2, -1)], dim=1) / math.sqrt(self.head_dim)
 
     def forward(self, x, return_attn=False):
         B, T, C = x.size()
-        q, k, v = self.split_heads(x)
+        d = self.head_dim
+        q1, q2, k1, k2, v = self.split_heads(x)
         lam = self.lambda_full()
         if use_explicit(self, x, return_attn):
             # the difference in float32 under autocast too: it cancels most of the mass
-            att = attention_weights(self, attention_logits(q, k)).view(B, self.n_head, 2, T, T)
-            att = att[:, :, 0] - lam * att[:, :, 1]
+            att1, att2 = attention_weights(self, q1 @ k1.transpose(-2, -1) / math.sqrt(d),
+                                           q2 @ k2.transpose(-2, -1) / math.sqrt(d))
+            att = att1 - lam * att2
             y = att @ v
         else:
             att = None
             # A V = softmax1 V − λ softmax2 V: two fused calls, no T x T map in memory
-            y = (F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], v)
-                 - lam * F.scaled_dot_product_attention(q[:, 1::2], k[:, 1::2], v))
+            y = F.scaled_dot_product_attention(q1, k1, v) - lam * F.scaled_dot_product_attention(q2, k2, v)
         # normalised in float32, the dtype of its weight, so that RMSNorm runs its fused kernel under autocast too
         y = self.subln(y.float()).type_as(y) * (1 - self.lambda_init)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -226,32 +222,29 @@ class DiffAttentionV2(nn.Module):
         return torch.sigmoid(self.lambda_proj(x).float()).transpose(1, 2).unsqueeze(-1)
 
     def split_heads(self, x):
-        """q: (B, h, 2T, d), the Q1 rows of a head and then its Q2 rows, so that both meet the shared K in one matmul;
-        k, v: (B, h, T, d)."""
         B, T, C = x.size()
         h, d = self.n_head, self.head_dim
-        q = self.q_norm(self.q(x).view(B, T, h, 2, d)).permute(0, 2, 3, 1, 4).reshape(B, h, 2 * T, d)
+        q1, q2 = self.q_norm(self.q(x).view(B, T, h, 2, d)).permute(3, 0, 2, 1, 4)  # each (B, h, T, d)
         k, v = self.kv(x).view(B, T, 2, h, d).permute(2, 0, 3, 1, 4)
-        return q, self.k_norm(k), v
+        return q1, q2, self.k_norm(k), v
 
     def logits(self, x):
-        """Q1 Kᵀ / √d and Q2 Kᵀ / √d, the logits of both softmaxes: (B, 2h, T, T), maps 2i and 2i+1 those of head i."""
-        q, k, _ = self.split_heads(x)
-        B, h, T = k.shape[:3]
-        return attention_logits(q, k).view(B, 2 * h, T, T)
+        """Q1 Kᵀ / √d and Q2 Kᵀ / √d, the logits of both softmaxes: (B, 2h, T, T), every first map, then every second."""
+        q1, q2, k, _ = self.split_heads(x)
+        return torch.cat([q1 @ k.transpose(-2, -1), q2 @ k.transpose(-2, -1)], dim=1) / math.sqrt(self.head_dim)
 
     def forward(self, x, return_attn=False):
         B, T, C = x.size()
-        q, k, v = self.split_heads(x)
+        d = self.head_dim
+        q1, q2, k, v = self.split_heads(x)
         lam = self.lambda_full(x)
         if use_explicit(self, x, return_attn):
-            logits = attention_logits(q, k).view(B, 2 * self.n_head, T, T)
-            att = attention_weights(self, logits).view(B, self.n_head, 2, T, T)
-            att = att[:, :, 0] - lam * att[:, :, 1]  # each row sums to 1 − λ_t
+            att1, att2 = attention_weights(self, q1 @ k.transpose(-2, -1) / math.sqrt(d),
+                                           q2 @ k.transpose(-2, -1) / math.sqrt(d))
+            att = att1 - lam * att2  # each row sums to 1 − λ_t
             y = att @ v
         else:
             att = None
-            q1, q2 = q.split(T, dim=2)
             y = F.scaled_dot_product_attention(q1, k, v) - lam * F.scaled_dot_product_attention(q2, k, v)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y), att

@@ -56,7 +56,8 @@ RECIPE_KEYS = ('learning_rate', 'min_lr', 'mlp_dim')
 RATE_FOLDER = re.compile(r'lr(\d+(?:\.\d+)?(?:e[-+]?\d+)?)')  # a sweep's folder of one learning rate, e.g. lr4e-3
 REQUIRED = ('run', 'seed', 'dataset', 'config', 'params', 'history', 'test', 'images_per_s', 'device')
 # config keys that cannot change a result (train.py's RESULT_NEUTRAL_KEYS) and the seed: the seeds of one run may differ there
-POOLED_KEYS = ('seed', 'out_dir', 'data_dir', 'log_interval', 'analyses', 'init_from', 'eval_only', 'overwrite')
+POOLED_KEYS = ('seed', 'out_dir', 'data_dir', 'log_interval', 'analyses', 'init_from', 'eval_only', 'overwrite',
+               'wandb_log', 'wandb_project', 'wandb_run_name')
 CLASS_NAMES = {
     'fashionmnist': ('T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot'),
     'cifar10': ('plane', 'car', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'),
@@ -436,9 +437,9 @@ def curve_figure(dataset, by_run, tags, key, ylabel, path):
 
 def attention_figure(dataset, by_run, tags, path, n_images=8):
     """The same test images; per variant (its lowest seed) the CLS token's last-layer attention over the patches,
-    averaged over heads, on the image. The classic rows share one colour scale; the signed maps of differential
-    attention (any attention but classic) share a diverging one, symmetric about zero. Where attention.npz has
-    `boxes` (mnist_cluttered), each image's digit box is outlined on every panel of it."""
+    averaged over heads, on the image. Every row shares one diverging colour scale, symmetric about zero, so that the
+    rows compare by eye: classic attention is never negative, differential attention's signed maps may be. Where
+    attention.npz has `boxes` (mnist_cluttered), each image's digit box is outlined on every panel of it."""
     samples = {r: np.load(os.path.join(by_run[r][0]['path'], 'attention.npz')) for r in ordered(by_run)
                if os.path.exists(os.path.join(by_run[r][0]['path'], 'attention.npz'))}
     if not samples:
@@ -449,8 +450,7 @@ def attention_figure(dataset, by_run, tags, path, n_images=8):
     for run, sample in samples.items():
         grid = int(math.isqrt(sample['cls_attn'].shape[-1]))
         maps[run] = sample['cls_attn'][-1, :n_images].mean(axis=1).reshape(-1, grid, grid)
-    signed = {r: by_run[r][0]['config']['attention'] != 'classic' for r in maps}
-    limits = {s: max((np.abs(m).max() for r, m in maps.items() if signed[r] == s), default=1.0) for s in (False, True)}
+    limit = max(np.abs(m).max() for m in maps.values())
     names = CLASS_NAMES.get(dataset)
     fig, axes = plt.subplots(len(samples) + 1, n_images, figsize=(1.5 * n_images, 1.6 * (len(samples) + 1)),
                              squeeze=False)
@@ -459,17 +459,15 @@ def attention_figure(dataset, by_run, tags, path, n_images=8):
         axes[0, j].imshow(image.transpose(1, 2, 0).squeeze(), cmap='gray')
         axes[0, j].set_title(names[target] if names else f"label {target}", fontsize=9)
     for i, run in enumerate(maps, start=1):
-        limit = limits[signed[run]]
         for j, (image, attn) in enumerate(zip(images, maps[run])):
             ax = axes[i, j]
             ax.imshow(image.transpose(1, 2, 0).squeeze(), cmap='gray')
             h, w = image.shape[1:]
-            shown = ax.imshow(attn, cmap='RdBu_r' if signed[run] else 'inferno', alpha=0.6,
-                              extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=-limit if signed[run] else 0, vmax=limit,
-                              interpolation='nearest')
-        axes[i, 0].set_ylabel('\n'.join([variant(run), f"seed {by_run[run][0]['seed']}"] + tags[run]
-                                        + ['(signed)'] * signed[run]), fontsize=9)
-        fig.colorbar(shown, ax=axes[i, :].tolist(), fraction=0.02, pad=0.01)
+            shown = ax.imshow(attn, cmap='RdBu_r', alpha=0.6, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=-limit,
+                              vmax=limit, interpolation='nearest')
+        axes[i, 0].set_ylabel('\n'.join([variant(run), f"seed {by_run[run][0]['seed']}"] + tags[run]), fontsize=9)
+    fig.colorbar(shown, ax=axes[1:, :].ravel().tolist(), fraction=0.02, pad=0.01,
+                 label='attention (one scale for every row)')
     if 'boxes' in first.files:  # [row0, col0, row1, col1) in pixels; a pixel c spans c - 0.5 to c + 0.5
         for j, (row0, col0, row1, col1) in enumerate(first['boxes'][:n_images]):
             for ax in axes[:, j]:
@@ -478,7 +476,8 @@ def attention_figure(dataset, by_run, tags, path, n_images=8):
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{dataset}: CLS attention over patches, last layer, mean over heads", fontsize=11)
+    fig.suptitle(f"{dataset}: CLS attention over patches, last layer, mean over heads\none colour scale for every row, "
+                 "symmetric about 0 (blue: negative, which only differential attention can be)", fontsize=11)
     fig.savefig(path, dpi=110, bbox_inches='tight')
     plt.close(fig)
     return True
@@ -819,7 +818,9 @@ def main(folder):
     runs = load_runs(folder)
     report = ["# Results", "",
               f"Generated by `python plot.py {folder}` from every `metrics.json` below this folder. Mean ± sample std "
-              "over seeds. Losses include label smoothing 0.1, as the old project's did. Val loss is the last "
+              "over seeds. Losses include label smoothing 0.1, as those of the old project did "
+              "([eithannak29/NanoDiffVision](https://github.com/eithannak29/NanoDiffVision), which this one replaces). "
+              "Val loss is the last "
               "epoch's; test numbers are the final model's. Train acc (clean): the last epoch's accuracy on a fixed, "
               "un-augmented subset of 5,000 training images (not the running mean over the augmented batches); – for "
               "runs from before it was measured. Failed: the runs of a row that stopped on a non-finite loss, of all "

@@ -5,7 +5,8 @@
 # is left to it. So several workers can share one queue (one on 2 cores: results/NOTES.md), and a
 # queue stopped at any moment (Ctrl-C, SIGTERM, a machine that goes away) goes on where it was when started again.
 # Each run's output goes to <out_dir>/train.log. A worker reads its queue as it goes: to change a queue, stop its
-# workers (their runs save) and start them again.
+# workers (their runs save) and start them again. At the end a worker counts the queue's runs: finished, skipped (failed
+# before), failed now (an error in this worker), left (stopped, not reached, or another worker's).
 #   bash queue.sh queue/cpu.txt                                   one worker
 #   bash queue.sh queue/cpu.txt & bash queue.sh queue/cpu.txt &   two
 #   PLAN=1 bash queue.sh queue/cpu.txt                            what a worker would do now, without doing it
@@ -20,19 +21,23 @@ PY=${PYTHON:-python3}
 ARGS=${ARGS:-}
 BUDGET_S=${BUDGET_S:-0}
 PREFIX=${PREFIX:-}
-say() { echo "[queue.sh $(date +%H:%M:%S)] $*"; }
+say() { echo "[queue.sh $(date +%H:%M:%S)] $*" 2> /dev/null || true; }  # best effort: a closed stdout stops nothing
+trap '' PIPE  # a closed stdout (`| tee` ended) fails say's echo instead of ending this worker with SIGPIPE
 finished() { grep -qs '"test": {' "$1/metrics.json"; }  # its metrics.json has a test result
 failed() { grep -qs '"failures"' "$1/metrics.json"; }  # it stopped on a non-finite loss
 
 stopping=0
+n_total=0 n_finished=0 n_skipped=0 n_failed=0  # the queue's runs, for the summary at the end
 trap 'stopping=1; [ -n "${pid:-}" ] && kill -TERM "$pid" 2>/dev/null' INT TERM
 while read -r out_dir args; do
   case "$out_dir" in ''|'#'*) continue ;; esac
-  [ "$stopping" = 1 ] && break
+  n_total=$((n_total + 1))
+  [ "$stopping" = 1 ] && continue  # counted as left
   out_dir=$PREFIX$out_dir
-  finished "$out_dir" && continue
+  finished "$out_dir" && { n_finished=$((n_finished + 1)); continue; }
   if failed "$out_dir"; then
     say "$out_dir: skipped, it failed before (the \"failures\" in its metrics.json); resume it by hand to try again"
+    n_skipped=$((n_skipped + 1))
     continue  # a divergence is a result: never retried silently
   fi
   if [ -f "$out_dir/run.lock" ] && kill -0 "$(cat "$out_dir/run.lock" 2>/dev/null)" 2>/dev/null; then
@@ -44,7 +49,8 @@ while read -r out_dir args; do
     mkdir -p "$out_dir"
     exec 9> "$out_dir/queue.lock"
     flock -n 9 || continue
-    { finished "$out_dir" || failed "$out_dir"; } && continue  # while this worker looked
+    finished "$out_dir" && { n_finished=$((n_finished + 1)); continue; }  # while this worker looked
+    failed "$out_dir" && { n_skipped=$((n_skipped + 1)); continue; }
   fi
   init=--init_from=scratch
   if [ -f "$out_dir/ckpt.pt" ]; then
@@ -55,7 +61,7 @@ while read -r out_dir args; do
   limit=0
   if [ "$BUDGET_S" -gt 0 ]; then
     limit=$((BUDGET_S - SECONDS))
-    [ "$limit" -lt 30 ] && { say "budget spent: stopping before $out_dir"; break; }
+    [ "$limit" -lt 30 ] && { say "budget spent: stopping before $out_dir"; stopping=1; continue; }
   fi
   say "$out_dir: $PY train.py $args --out_dir=$out_dir $init $ARGS"
   [ -n "${PLAN:-}" ] && continue
@@ -71,5 +77,11 @@ while read -r out_dir args; do
   if [ "$stopping" = 1 ]; then wait "$pid"; status=$?; fi  # a signal to this script interrupts wait: wait for the save
   pid=
   say "$out_dir: exit $status, $(grep -E '^test loss|^error' "$out_dir/train.log" | tail -1)"
+  if finished "$out_dir"; then
+    n_finished=$((n_finished + 1))
+  elif [ "$status" != 124 ] && [ "$status" != 130 ] && [ "$status" != 143 ]; then
+    n_failed=$((n_failed + 1))  # not stopped by the budget (timeout: 124) or a signal (saved: 130, 143)
+  fi
 done < "$queue"
-say "done"
+say "done: $n_finished finished, $n_skipped skipped (failed before), $n_failed failed now," \
+  "$((n_total - n_finished - n_skipped - n_failed)) left"

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
-from machine import cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, load_dataset, normalize
-from eval import analyse, evaluate, lambda_stats, model_config, parse_analyses, write_atomic
+from eval import analyse, evaluate, lambda_stats, model_config, parse_analyses, say, write_atomic
+from machine import cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
 from model import ViT
 
 keep_freed_memory()
@@ -49,6 +49,9 @@ init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt): give the 
 overwrite = False  # True: replace the run already in out_dir; without it a run never starts over another
 log_interval = 100  # steps between progress lines (and one at least every 30 s)
 analyses = 'outliers,attention'  # eval.py's, after the test set: outliers, attention, noise, lambda, quant (noise and quant: minutes on CIFAR-10; the studies run all), 'all', or ''
+wandb_log = False  # True: the config, progress lines, epochs and analyses to Weights & Biases too (pip install wandb)
+wandb_project = 'nanodiffvision'  # the W&B project of the runs
+wandb_run_name = ''  # the W&B run's name; default: <run_name>_seed<seed>
 # data
 dataset = 'mnist'
 data_dir = 'data'
@@ -88,7 +91,8 @@ run_name = run_name or (os.path.splitext(os.path.basename(config_files[-1]))[0] 
                         else f'{dataset}_{attention}')
 out_dir = out_dir or os.path.join('out', run_name, f'seed{seed}')
 # settings that cannot change a run's result: a resumed run may change them, plot.py pools runs that differ in them
-RESULT_NEUTRAL_KEYS = ('out_dir', 'data_dir', 'log_interval', 'analyses', 'init_from', 'eval_only', 'overwrite')  # eval_only: older checkpoints' setting
+RESULT_NEUTRAL_KEYS = ('out_dir', 'data_dir', 'log_interval', 'analyses', 'init_from', 'eval_only', 'overwrite',
+                       'wandb_log', 'wandb_project', 'wandb_run_name')  # eval_only: older checkpoints' setting
 
 
 def fail(message):
@@ -119,6 +123,11 @@ if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
     fail(f"dtype={dtype!r}: must be 'auto', 'float32', 'bfloat16' or 'float16'")
 if compile not in (True, False, 'auto'):
     fail(f"compile={compile!r}: must be True, False or 'auto'")
+if wandb_log:  # imported only when asked for, as in nanoGPT: wandb is no requirement
+    try:
+        import wandb
+    except ImportError as e:
+        fail("wandb_log=True needs the wandb package: pip install wandb" + ('' if e.name == 'wandb' else f" ({e})"))
 config = {k: globals()[k] for k in config_keys}
 try:
     model_args = model_config(config)
@@ -146,7 +155,7 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 autocast = (nullcontext() if dtype == 'float32'
             else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
-log = print if master else (lambda *args, **kwargs: None)
+log = say if master else (lambda *args, **kwargs: None)
 
 # out_dir: one run at a time (a lock file for the run's life), never over another run unless asked; all of it
 # before the data loads, so a mistake costs seconds. A run that stops before it trains leaves no folder behind.
@@ -292,6 +301,13 @@ if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 log(f"{run_name} seed {seed}: {attention} ViT, {raw_model.num_params():,} parameters | device {device} "
     f"({world_size} rank{'s' * (world_size > 1)}), dtype {dtype}, compile {use_compile} | out_dir {out_dir}")
+if wandb_log and master:
+    try:
+        wandb.init(project=wandb_project, name=wandb_run_name or f"{run_name}_seed{seed}",
+                   config={**config, 'params': raw_model.num_params(), 'precision': dtype})
+    except Exception as e:  # not logged in, no network: say so in one line
+        fail(f"wandb.init failed ({type(e).__name__}: {' '.join(str(e).split())}): run `wandb login`, or set "
+             "WANDB_MODE=offline and `wandb sync` later")
 # CPU threads: OpenMP threads that wait by spinning are fastest alone (2 cores: 40% more img/s than passive waiting)
 # but collapse when another process shares the cores (two at once: 4.5x the lone time each). So a CPU run takes the
 # cores that other processes leave free, and looks again every 10 s: two runs on 2 cores settle at one thread each
@@ -426,6 +442,8 @@ while state['epoch'] < epochs:
             seconds_per_step = dt / images_since_log * batch_size
             log(f"epoch {epoch + 1}/{epochs} | step {step + 1}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
                 f"{images_since_log / dt:,.0f} img/s | ETA {duration((total_steps - step - 1) * seconds_per_step)}")
+            if wandb_log and master:
+                wandb.log({'loss': loss.item(), 'lr': lr, 'img_per_s': images_since_log / dt}, step=step + 1)
             if gpu_sized_on_cpu:
                 log(f"note: at this rate all {epochs} epochs take {duration(total_steps * seconds_per_step)} on this CPU")
                 gpu_sized_on_cpu = False
@@ -463,6 +481,8 @@ while state['epoch'] < epochs:
     if master:
         save_checkpoint()
         save_metrics()
+        if wandb_log:
+            wandb.log(epoch_row, step=state['step'])
 
 if master:  # the analyses of eval.py: test, and those in analyses
     log(f"trained {state['elapsed']:.0f}s, {state['train_images'] / max(state['train_time'], 1e-9):,.0f} img/s")
@@ -474,5 +494,8 @@ if master:  # the analyses of eval.py: test, and those in analyses
     write_atomic(model_path, lambda f: torch.save(weights, f))
     save_metrics(**results)
     log(f"wrote {metrics_path}, {attention_path + ', ' if sample is not None else ''}{model_path}, {ckpt_path}")
+    if wandb_log:
+        wandb.summary.update(results)
+        wandb.finish()
 if ddp:
     dist.destroy_process_group()

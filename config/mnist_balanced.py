@@ -2,7 +2,9 @@
 dataset = 'mnist'
 attention = 'classic'
 
-# the old project's lite model, unchanged, so its table stays comparable
+# the old project's lite model, its sizes unchanged so that its table stays comparable (its dropout, 0.1, went
+# with its recipe: results/NOTES.md); there, configs/MNIST/balanced_config.yml of
+# https://github.com/eithannak29/NanoDiffVision
 patch_size = 4
 n_embd = 64
 mlp_dim = 128

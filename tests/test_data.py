@@ -158,7 +158,8 @@ def test_real_mnist_smoke():
 
 def test_a_torchvision_that_does_not_match_torch_is_one_clear_line(tmp_path, monkeypatch):
     """A CPU torch beside a CUDA torchvision fails at import ("operator torchvision::nms does not exist"): the error
-    says so, with the versions, not as a failed download."""
+    says so, with the versions, not as a failed download; and, as every missing-data error, names the files and
+    where to put them."""
     class BrokenTorchvision:
         def find_spec(self, name, path=None, target=None):
             if name == 'torchvision':
@@ -172,3 +173,6 @@ def test_a_torchvision_that_does_not_match_torch_is_one_clear_line(tmp_path, mon
     assert 'cannot be downloaded: torchvision' in message and f'beside torch {torch.__version__}' in message
     assert 'operator torchvision::nms does not exist' in message and 'must come from the same index' in message
     assert 'downloading it failed' not in message and '\n' not in message
+    assert f"not in {tmp_path}/MNIST/raw/ (expected files: train-images-idx3-ubyte, train-labels-idx1-ubyte, " \
+           "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)" in message
+    assert 'Put the files there, or point --data_dir at a folder that has them' in message

@@ -2,13 +2,16 @@
 trained run, reproducible from its committed weights alone."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, one_line_error, run_forked, run_train_fast, synthetic_images
+from conftest import ROOT, TINY, one_line_error, run_forked, run_train_fast, synthetic_images, train_env
 from data import (CORRUPTIONS, DATASETS, box_patches, cluttered_mnist, corrupt, load_dataset, noise_draws,
                   patch_mask)
 from eval import QUANT_BITS, evaluate, fake_quantize, lambda_stats, model_config, quantized_accuracy
@@ -97,13 +100,29 @@ def test_box_patches_are_the_patches_whose_centre_is_inside():
     assert mask[2].all()
 
 
-def test_cluttered_dataset_loads_with_boxes(data_dir):
-    splits = load_dataset('mnist_cluttered', data_dir)
+@pytest.mark.parametrize('name,size', [('mnist_cluttered', 40), ('mnist_cluttered56', 56)])
+def test_cluttered_dataset_loads_with_boxes(data_dir, name, size):
+    splits = load_dataset(name, data_dir)
     for split in ('train', 'val', 'test'):
         x, y = splits[split]
-        assert x.shape[1:] == (1, 40, 40) and len(splits['boxes'][split]) == len(x) == len(y)
+        assert x.shape[1:] == (1, size, size) and len(splits['boxes'][split]) == len(x) == len(y)
+        assert (splits['boxes'][split][:, 2:] <= size).all()
     mnist = load_dataset('mnist', data_dir)
     assert torch.equal(splits['test'][1], mnist['test'][1]) and torch.equal(splits['val'][1], mnist['val'][1])
+
+
+def test_a_larger_canvas_keeps_the_clutter_per_area():
+    """56 x 56 with 8-16 fragments against 40 x 40 with 4-8: about as much clutter ink per pixel (196 / 100 patches)."""
+    digits = torch.zeros(2000, 1, 28, 28, dtype=torch.uint8)
+    digits[:, :, 4:24, 4:24] = 255  # fragments come from the centre: all ink
+    clutter = []  # the share of the pixels outside the digit's box that fragments cover
+    for canvas, fragments in ((40, (4, 8)), (56, (8, 16))):
+        x, boxes = cluttered_mnist(digits, 0, canvas=canvas, fragments=fragments)
+        outside = torch.ones_like(x[:, 0], dtype=torch.bool)
+        for mask, (top, left, bottom, right) in zip(outside, boxes.tolist()):
+            mask[top:bottom, left:right] = False
+        clutter.append((x[:, 0] == 255)[outside].float().mean().item())
+    assert clutter[1] == pytest.approx(clutter[0], rel=0.15)  # 0.18 and 0.21: the 40 canvas loses more to overlaps
 
 
 @pytest.fixture(scope='module')
@@ -256,3 +275,23 @@ def test_lambda_of_diff2_is_read_per_token_and_head():
     assert stats['p10'] == pytest.approx([low] * 2, abs=1e-6) and stats['p90'] == pytest.approx([0.5] * 2, abs=1e-6)
     assert stats['below_0.1'] == [0.5, 0.5]
     assert lambda_stats(ViT(ViTConfig(attention='classic')), x, 'mnist', None) is None
+
+
+def test_eval_with_a_closed_stdout_still_writes_its_results(small_data_dir, trained, tmp_path):
+    """`python eval.py RUN | head -1`: the reader gone before eval.py prints; it analyses and writes all the same,
+    and its lines go to stderr."""
+    for name in ('model.pt', 'metrics.json'):
+        shutil.copy(trained / name, tmp_path / name)
+    metrics = read(trained)
+    (tmp_path / 'metrics.json').write_text(json.dumps({k: v for k, v in metrics.items() if k != 'noise'}))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, 'eval.py', tmp_path, f'--data_dir={small_data_dir}', '--only=noise'],
+                              cwd=ROOT, env=train_env(), stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=300)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
+    assert 'noise: mean accuracy' in proc.stderr and f"wrote {tmp_path / 'metrics.json'}" in proc.stderr
+    assert read(tmp_path) == metrics

@@ -98,6 +98,14 @@ def test_the_working_tree_without_its_weights_leaves_room_for_gpu_data():
     assert light + 8 * 2 ** 20 <= 60 * 2 ** 20, f'{light} bytes travel even without the weights'
 
 
+@pytest.mark.parametrize('venv', ['.venv', 'venv', 'env', 'ENV'])
+def test_a_virtual_environment_made_inside_the_clone_is_ignored(venv):
+    """Most newcomers make the venv inside the clone (python -m venv .venv): git ignores it, so that it stays out of
+    git status and of the tree a GPU call carries (tree_bytes, above: 900 MB of torch would not fit)."""
+    path = f'{venv}/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so'
+    assert subprocess.run(['git', 'check-ignore', '-q', path], cwd=ROOT).returncode == 0
+
+
 def test_gpu_light_leaves_the_weights_behind_and_gpu_restore_undoes_it(tmp_path):
     """In a repository of its own (the Makefile, .gitignore and a fake results/): gpu_light takes the weights and attention
     samples out of the index, not off the disk; `make gpu_data` cuts its parts to fit beside what is left (64 MiB
@@ -166,6 +174,47 @@ def test_queue_resumes_an_interrupted_run_and_skips_finished_ones(data_dir, tmp_
     proc = subprocess.run(['bash', 'queue.sh', str(tmp_path / 'missing.txt')], cwd=ROOT, env=env, capture_output=True,
                           text=True)
     assert proc.returncode == 1 and 'queue file' in proc.stderr
+
+
+def fake_python(tmp_path):
+    """A stand-in for python that logs each run it is given, then ends it by the name of its out_dir: crash exits 1
+    (an error), stopped exits 143 (SIGTERM: saved), any other finishes (a metrics.json with a test result)."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/bin/sh\nfor a; do case "$a" in --out_dir=*) out=${a#--out_dir=} ;; esac; done\n'
+                    f'echo "$out" >> {tmp_path}/started\n'
+                    'case "$out" in */crash) exit 1 ;; */stopped) exit 143 ;; esac\n'
+                    'echo \'{"test": {}}\' > "$out/metrics.json"\n')
+    fake.chmod(0o755)
+    return fake
+
+
+def test_queue_ends_with_a_count_of_its_runs_and_goes_on_with_a_closed_stdout(tmp_path):
+    runs = tmp_path / 'runs'
+    for name, metrics in (('old', '{"test": {"acc": 0.9}}'), ('diverged', '{"test": null, "failures": ["nan"]}')):
+        (runs / name).mkdir(parents=True)
+        (runs / name / 'metrics.json').write_text(metrics)
+    queue = tmp_path / 'queue.txt'
+    queue.write_text('# finished before, failed before, fails now, stopped, finishes now\n\n'
+                     + ''.join(f"{runs}/{name} config/mnist_vit.py\n"
+                               for name in ('old', 'diverged', 'crash', 'stopped', 'new')))
+    env = dict(os.environ, PYTHON=str(fake_python(tmp_path)))
+    proc = subprocess.run(['bash', 'queue.sh', str(queue)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1].endswith('] done: 2 finished, 1 skipped (failed before), 1 failed now, 1 left')
+    assert (tmp_path / 'started').read_text().split() == [f"{runs}/{name}" for name in ('crash', 'stopped', 'new')]
+
+    # the reader of its stdout gone (`bash queue.sh ... | tee` and tee ended): its lines fail, its runs go on
+    (tmp_path / 'started').unlink()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(['bash', 'queue.sh', str(queue)], cwd=ROOT, env=env, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr == '', proc.stderr
+    assert (tmp_path / 'started').read_text().split() == [f"{runs}/{name}" for name in ('crash', 'stopped')]
 
 
 def test_two_workers_started_together_never_take_the_same_run(tmp_path):

@@ -170,11 +170,11 @@ def test_activations_are_the_logits_the_softmaxes_take_and_the_block_outputs(att
         hidden, _ = block(hidden)
         torch.testing.assert_close(out, hidden)
         p = torch.softmax(logits, dim=-1)
-        if attention != 'classic':  # (B, 2h, T, T): maps 2i and 2i+1 are the two softmaxes of head i
+        if attention != 'classic':  # (B, 2h, T, T): every first softmax, then every second
             h = block.attn.n_head
             assert logits.shape == (2, 2 * h, 17, 17)
             lam = block.attn.lambda_full() if attention == 'diff' else block.attn.lambda_full(block.ln_1(hidden_in))
-            p = p[:, 0::2] - lam * p[:, 1::2]
+            p = p[:, :h] - lam * p[:, h:]
         torch.testing.assert_close(p, m, atol=1e-6, rtol=1e-5)
 
 
@@ -323,3 +323,29 @@ def test_qk_norm_normalises_every_query_and_key_head(attention):
         else:
             torch.testing.assert_close(grown, 100 * logits, atol=1e-3, rtol=1e-3)
     assert sum(p.numel() for n, p in attn.named_parameters() if 'norm' in n and 'subln' not in n) == 2 * 8
+
+
+@pytest.mark.parametrize('attention', ['classic', 'diff', 'diff2'])
+def test_quantize_logits_acts_on_every_map_of_a_layer_before_the_softmax(attention):
+    """eval.py's quantization hook: it receives a layer's logits as logits() gives them, all maps at once, and what it
+    returns is what the softmax takes, on the fused setting too."""
+    model = small(attention, attn_impl='fused').eval()
+    randomise_lambdas(model)
+    x = torch.randn(2, 3, 16, 16)
+    seen = []
+    for block in model.blocks:
+        block.attn.quantize_logits = lambda logits: seen.append(logits) or logits
+    plain, maps = model(x, return_attn=True)
+    hidden = model.embed(x)
+    for block, logits in zip(model.blocks, seen):
+        torch.testing.assert_close(logits, block.attn.logits(block.ln_1(hidden)))
+        hidden, _ = block(hidden)
+    for block in model.blocks:  # every logit 0: every softmax map uniform over the 17 tokens
+        block.attn.quantize_logits = torch.zeros_like
+    _, maps = model(x, return_attn=True)
+    for block, m in zip(model.blocks, maps):
+        if attention == 'classic':
+            torch.testing.assert_close(m, torch.full_like(m, 1 / 17))
+        elif attention == 'diff':  # softmax1 − λ softmax2, both uniform
+            torch.testing.assert_close(m, torch.full_like(m, (1 - block.attn.lambda_full().item()) / 17))
+    assert not torch.allclose(model(x), plain)

@@ -88,6 +88,7 @@ def test_figures_and_table(results, capsys, monkeypatch):
     assert vit[7] == '0.490 ± 0.005' and vit[8] == '3' and vit[9] == '0' and vit[10] == '2.0' and vit[11] == '0.1 ± 0.0'
     assert 'min to 70% val' not in table  # MNIST reaches it in the first epoch: only CIFAR-10 reports it
     assert '95.51' in table  # the old project's table sits beside ours
+    assert table.count('(https://github.com/eithannak29/NanoDiffVision)') == 1  # named and linked once
     assert 'mnist_diff vs mnist_balanced, test acc (points): +3.1000' in table
     assert 'significant (p < 0.05)' in table and 'not significant' in table
 
@@ -142,7 +143,9 @@ def test_a_subfolder_is_its_own_study_never_pooled(tmp_path):
     assert '(mnist_val_acc.png)' in sections[0]
 
 
-def test_attention_figure_shares_its_colour_scales_and_names_seed_and_classes(results, monkeypatch):
+def test_attention_figure_shares_one_signed_colour_scale_and_names_seed_and_classes(results, monkeypatch):
+    """Classic and differential rows on one scale, symmetric about 0 and as wide as the largest |attention| of any
+    row, so that rows compare by eye; the caption and the one colour bar say so."""
     figures = captured_figures(monkeypatch)
     by_run = plot.load_runs(str(results))['.', 'fashionmnist']
     plot.attention_figure('fashionmnist', by_run, plot.run_tags(by_run), str(results / 'a.png'))
@@ -151,12 +154,16 @@ def test_attention_figure_shares_its_colour_scales_and_names_seed_and_classes(re
     for ax in fig.axes:
         if ax.images and len(ax.images) == 2:  # an image with its attention overlay
             rows.setdefault(ax.get_subplotspec().rowspan.start, []).append(ax.images[1].get_clim())
-    classic = rows[1] + rows[2]
-    diff = rows[3]
-    assert len(set(classic)) == 1 and classic[0][0] == 0
-    assert len(set(diff)) == 1 and diff[0][0] == -diff[0][1]
-    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
-    assert labels == ['vit\nseed 0', 'balanced\nseed 0', 'diff\nseed 0\n(signed)']
+    assert sorted(rows) == [1, 2, 3]  # vit, balanced, diff
+    (clim,) = set(clim for row in rows.values() for clim in row)
+    largest = max(np.abs(np.load(os.path.join(ms[0]['path'], 'attention.npz'))['cls_attn'][-1, :8].mean(axis=1)).max()
+                  for ms in by_run.values())
+    assert clim == pytest.approx((-largest, largest))
+    assert 'one colour scale for every row, symmetric about 0' in fig.get_suptitle()
+    (colour_bar,) = [ax for ax in fig.axes if ax.get_ylabel().startswith('attention')]
+    assert 'one scale for every row' in colour_bar.get_ylabel()
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel() and ax is not colour_bar]
+    assert labels == ['vit\nseed 0', 'balanced\nseed 0', 'diff\nseed 0']
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles[:2] == ['T-shirt', 'trouser']  # labels 0 and 1
 
@@ -428,9 +435,8 @@ def test_new_variants_order_colours_signed_maps_and_comparisons(tmp_path, monkey
     colours = [line.get_color() for line in figures[0].axes[0].get_lines()]
     assert len(colours) == 6 and len(set(colours)) == 6
     labels = [ax.get_ylabel() for ax in figures[2].axes if ax.get_ylabel()]
-    # signed where the config's attention is differential (diffqk: attention 'diff' with qk_norm), whatever the name
-    assert labels == ['vit\nseed 0', 'balanced\nseed 0', 'diff\nseed 0\n(signed)', 'diff2\nseed 0\n(signed)',
-                      'diffqk\nseed 0\n(signed)', 'vitqk\nseed 0']
+    assert labels[:-1] == ['vit\nseed 0', 'balanced\nseed 0', 'diff\nseed 0', 'diff2\nseed 0', 'diffqk\nseed 0',
+                           'vitqk\nseed 0']  # and the colour bar's
 
 
 def test_precision_and_epochs_are_named_where_they_differ(tmp_path, monkeypatch):

@@ -5,12 +5,13 @@ import re
 import signal
 import os
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, Forked, args_for, one_line_error, run_train_fast
+from conftest import ROOT, Forked, args_for, one_line_error, run_train_fast, train_env
 
 
 @pytest.fixture
@@ -35,6 +36,34 @@ def test_sigkill_at_any_moment_leaves_readable_files(small_data_dir, tmp_path):
         with open(tmp_path / 'metrics.json') as f:
             assert json.load(f)['history']
         assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['state']['epoch'] >= 1
+
+
+@pytest.mark.parametrize('stderr', ['terminal', 'into the pipe'])
+def test_ctrl_c_behind_a_pipe_saves_and_resumes(data_dir, tmp_path, stderr):
+    """`python train.py ... | tee log` (or `2>&1 | tee log`), then Ctrl-C: the shell's SIGINT ends tee too, so the
+    run's next line meets a closed pipe. The run saves and exits as Ctrl-C does without a pipe, and resumes; its
+    lines go on to stderr while that is open. A fresh interpreter, whose flush of stdout at exit must not fail (exit
+    120) either; no PYTHONUNBUFFERED: the lines reach the pipe as they come, as tee shows them."""
+    args = args_for(data_dir, tmp_path, '--epochs=3', '--log_interval=1')
+    proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, env=train_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE if stderr == 'terminal' else subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if '| step ' in line:  # the first progress line
+            break
+    proc.stdout.close()  # tee is gone
+    proc.send_signal(signal.SIGINT)
+    errors = proc.stderr.read() if proc.stderr else ''
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT, errors
+    assert 'Traceback' not in errors and 'Exception ignored' not in errors
+    if stderr == 'terminal':
+        assert 'interrupted (SIGINT) at epoch 1' in errors and '--init_from=resume' in errors
+    stopped = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['state']
+    assert 0 < stopped['step'] < 3 * (7000 // 64)
+    proc = run_train_fast(*args, '--init_from=resume')
+    assert 'resuming' in proc.stdout
+    with open(tmp_path / 'metrics.json') as f:
+        metrics = json.load(f)
+    assert len(metrics['history']) == 3 and metrics['test'] is not None
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_data_dir, checkpointed, tmp_path):

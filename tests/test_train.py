@@ -2,15 +2,17 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
+from collections import defaultdict
 
 import numpy as np
 import pytest
 import torch
 
 from machine import cpu_name
-from conftest import ROOT, TINY, Forked, one_line_error, run_forked, run_train_fast
+from conftest import ROOT, TINY, Forked, args_for, one_line_error, run_forked, run_train, run_train_fast
 from data import load_dataset, normalize
 from model import ViT, ViTConfig
 
@@ -166,3 +168,64 @@ def test_data_parallel_two_cpu_ranks(data_dir, tmp_path):
     assert m['history'][-1]['step'] == 2 * (7000 // 64)
     assert m['test']['acc'] > 0.9
     assert proc.stdout.count('epoch 2/2 done') == 1  # only rank 0 prints
+
+
+def wandb_records(run_dir):
+    """{record type: [records]} of an offline W&B run's transaction log, run-<id>.wandb (what `wandb sync` uploads):
+    a 7-byte header, then 32 KiB blocks of chunks (crc32c, length, type: 1 a whole record, 2-4 its first, middle and
+    last part; a block's tail under 7 bytes is padding), the records wandb's Record protobufs."""
+    from wandb.proto import wandb_internal_pb2
+    (path,) = run_dir.glob('run-*.wandb')
+    raw = path.read_bytes()
+    assert raw[:4] == b':W&B'
+    records, data, pos = defaultdict(list), b'', 7
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack('<HB', raw[pos + 4:pos + 7])
+        data, pos = data + raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            records[record.WhichOneof('record_type')].append(record)
+            data = b''
+    return records
+
+
+def test_wandb_log_records_the_config_progress_lines_epochs_and_analyses(small_data_dir, tmp_path, monkeypatch):
+    """--wandb_log=True with the real package, offline: the run's own file holds the config, every progress line's
+    loss, learning rate and img/s, every epoch's row as metrics.json has it, and the final analyses."""
+    pytest.importorskip('wandb')
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_DIR', str(tmp_path))
+    run_train(*args_for(small_data_dir, tmp_path / 'run', '--epochs=2', '--log_interval=4', '--wandb_log=True'))
+    metrics = read_metrics(tmp_path / 'run')
+    (run_dir,) = (tmp_path / 'wandb').glob('offline-run-*')
+    records = wandb_records(run_dir)
+    (run,) = [r.run for r in records['run']]
+    assert run.display_name == 'mnist_vit_seed0' and run.project == 'nanodiffvision'
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert {k: config[k] for k in metrics['config']} == metrics['config']
+    assert config['params'] == metrics['params'] and config['precision'] == metrics['precision']
+    rows = [{item.key or '.'.join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in records['history']]
+    progress = [r for r in rows if 'loss' in r]  # 10 steps an epoch, a line every 4
+    assert [r['_step'] for r in progress] == [4, 8, 12, 16, 20]
+    assert all(r['loss'] > 0 and r['img_per_s'] > 0 and 0 < r['lr'] <= 3e-3 for r in progress)
+    assert [{k: r[k] for k in HISTORY_KEYS} for r in rows if 'val_acc' in r] == metrics['history']
+    summary = {item.key or '.'.join(item.nested_key): json.loads(item.value_json) for r in records['summary']
+               for item in r.summary.update}
+    for key in ('test', 'attn_focus', 'outliers', 'noise'):
+        assert summary[key] == metrics[key], key
+
+
+def test_wandb_log_without_the_package_is_one_line_before_anything_slow(small_data_dir, tmp_path, monkeypatch):
+    hidden = tmp_path / 'no_wandb'  # wandb as an environment without it has it
+    hidden.mkdir()
+    (hidden / 'wandb.py').write_text("raise ModuleNotFoundError(\"No module named 'wandb'\", name='wandb')\n")
+    monkeypatch.setenv('PYTHONPATH', str(hidden))
+    proc = run_train(*args_for(small_data_dir, tmp_path / 'run', '--wandb_log=True'), check=False)
+    line = one_line_error(proc)
+    assert line == 'error: wandb_log=True needs the wandb package: pip install wandb'
+    assert 'train /' not in proc.stdout and not (tmp_path / 'run').exists()  # before the data, and no folder left
