@@ -10,6 +10,10 @@ Analyses (--only=a,b; default all):
   outliers   the DIFF paper's Table 5: the largest and median |value| of the attention logits and the residual stream
   attention  the CLS token's attention in every layer for the first 16 test images (attention.npz)
   noise      test accuracy under each corruption of data.CORRUPTIONS at each severity, the same for every run
+  lambda     what λ learned: diff, λ of each layer; diff2, λ_t of every token and head of each layer over the test set
+             (mean, 10th and 90th percentile, share below 0.1); and the positive-part attention focus (below)
+  quant      the DIFF paper's quantization test (its Fig. 8): test accuracy with the attention logits, or the residual
+             stream, fake-quantized at QUANT_BITS bits, no retraining (fake_quantize: the scheme)
 """
 
 import json
@@ -28,7 +32,8 @@ from data import (CORRUPTIONS, DATASETS, batches, box_patches, corrupt, foregrou
 from machine import keep_freed_memory, resolve_auto
 from model import ViT, ViTConfig, attention_focus
 
-ANALYSES = ('test', 'outliers', 'attention', 'noise')
+ANALYSES = ('test', 'outliers', 'attention', 'noise', 'lambda', 'quant')
+QUANT_BITS = (8, 6, 4, 3)
 
 
 def parse_analyses(text):
@@ -172,6 +177,81 @@ def noise_accuracy(model, splits, dataset, patch_size, autocast, label_smoothing
     return dict(clean=clean_acc, accuracy=accuracy, mean=sum(cells) / len(cells))
 
 
+@torch.inference_mode()
+def lambda_stats(model, x, dataset, autocast):
+    """What λ learned, per layer, or None for classic attention. diff: {'layers': λ of each layer}; λ ≤ 0 means the
+    layer adds its two maps instead of subtracting them. diff2: λ_t of every token and head of images x, per layer:
+    {'layers': mean, 'p10', 'p90': 10th and 90th percentile, 'below_0.1': share of λ_t < 0.1}."""
+    kind = model.config.attention
+    if kind == 'diff':
+        return {'layers': [block.attn.lambda_full().item() for block in model.blocks]}
+    if kind != 'diff2':
+        return None
+    was_training = model.training
+    model.eval()
+    values = [[] for _ in model.blocks]
+    for idx in eval_batches(x):
+        with autocast:
+            h = model.embed(normalize(x[idx], dataset))
+            for block, layer in zip(model.blocks, values):
+                layer.append(block.attn.lambda_full(block.ln_1(h)).flatten().cpu())
+                h, _ = block(h)
+    model.train(was_training)
+    values = [torch.cat(layer).numpy() for layer in values]
+    return {'layers': [float(v.mean()) for v in values], 'p10': [float(np.percentile(v, 10)) for v in values],
+            'p90': [float(np.percentile(v, 90)) for v in values],
+            'below_0.1': [float((v < 0.1).mean()) for v in values]}
+
+
+@torch.inference_mode()
+def positive_focus(model, x, relevant, dataset, autocast):
+    """Attention focus (model.attention_focus) of the positive part max(A, 0) of the last layer's CLS attention: a
+    signed diff map's |A| also counts what the layer subtracts, and where λ < 0 it is att1 + |λ| att2, so only the
+    positive part compares with a classic map (for which it is the focus itself)."""
+    model.eval()
+    total = 0.0
+    for idx in eval_batches(x):
+        with autocast:
+            _, maps = model(normalize(x[idx], dataset), return_attn=True)
+        total += attention_focus(maps[-1][:, :, 0, 1:].clamp_min(0), relevant[idx]).sum().item()
+    return total / len(x)
+
+
+def fake_quantize(x, bits):
+    """Dynamic symmetric absmax quantization, as the DIFF paper's Fig. 8 applies it, rounded back to float32: one scale
+    per image (dim 0) over all the rest, max |x| / (2^(bits-1) - 1), and every value rounded to the nearest of the
+    2^(bits-1) - 1 levels each side of zero (or zero). For the attention logits the rest is every head and both maps
+    of a diff head / both queries of a diff2 head of one layer; for the residual stream, one block's output."""
+    x = x.float()
+    levels = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=tuple(range(1, x.dim())), keepdim=True).clamp_min(1e-30) / levels
+    return torch.round(x / scale) * scale
+
+
+def quantized_accuracy(model, x, y, dataset, autocast, label_smoothing, bits=QUANT_BITS):
+    """Test accuracy with the attention logits before every softmax ('logits') or every block's output on the residual
+    stream ('residual') fake-quantized at each of bits: {'logits': {bits: acc}, 'residual': {bits: acc}}."""
+    results = {'logits': {}, 'residual': {}}
+    for where, by_bits in results.items():
+        for b in bits:
+            quantize = lambda t, b=b: fake_quantize(t, b)
+            handles = []
+            for block in model.blocks:
+                if where == 'logits':
+                    block.attn.quantize_logits = quantize  # the layer then takes its explicit path
+                else:  # Block.forward returns (x, att): the output x quantized, what the next block reads
+                    handles.append(block.register_forward_hook(
+                        lambda module, args, out: (quantize(out[0]).type_as(out[0]), out[1])))
+            try:
+                by_bits[str(b)] = evaluate(model, x, y, dataset, autocast, label_smoothing)[1]
+            finally:
+                for block in model.blocks:
+                    block.attn.quantize_logits = None
+                for handle in handles:
+                    handle.remove()
+    return results
+
+
 def analyse(model, splits, dataset, patch_size, autocast, label_smoothing, only=ANALYSES, log=say):
     """The analyses named in only, on the plain model: (what they add to metrics.json, the attention sample or None)."""
     results, sample = {}, None
@@ -194,6 +274,18 @@ def analyse(model, splits, dataset, patch_size, autocast, label_smoothing, only=
         results['noise'] = noise_accuracy(model, splits, dataset, patch_size, autocast, label_smoothing, test_acc, log)
         log(f"noise: mean accuracy {100 * results['noise']['mean']:.2f}% over every corruption "
             f"(clean {100 * test_acc:.2f}%)")
+    if 'lambda' in only and model.config.attention != 'classic':
+        results['lambda'] = lambda_stats(model, splits['test'][0], dataset, autocast)
+        log("lambda per layer: " + ', '.join(f"{v:.3f}" for v in results['lambda']['layers']))
+        relevant = relevant_patches(splits, 'test', dataset, patch_size)
+        if relevant is not None:
+            results['attn_focus_pos'] = positive_focus(model, splits['test'][0], relevant, dataset, autocast)
+            log(f"attention focus, positive part: {results['attn_focus_pos']:.4f}")
+    if 'quant' in only:
+        results['quant'] = quantized_accuracy(model, *splits['test'], dataset, autocast, label_smoothing)
+        log("quantized test accuracy (bits: %): " + '; '.join(
+            f"{where} " + ', '.join(f"{b} {100 * a:.2f}" for b, a in accs.items())
+            for where, accs in results['quant'].items()))
     return results, sample
 
 
@@ -263,8 +355,7 @@ def main(run_dir, only, data_dir, device):
 
 
 if __name__ == '__main__':
-    usage = ("usage: python eval.py <run folder> [--only=test,outliers,attention,noise] [--data_dir=data] "
-             "[--device=auto]")
+    usage = f"usage: python eval.py <run folder> [--only={','.join(ANALYSES)}] [--data_dir=data] [--device=auto]"
     args = sys.argv[1:]
     if '--help' in args or '-h' in args:
         print(__doc__.strip() + '\n\n' + usage)

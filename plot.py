@@ -20,7 +20,10 @@ Comparisons: a study's *_vit runs (classic attention, no qk_norm) are its baseli
 them, and a run whose attention is not classic also with *_balanced and with a classic run of its parameter count
 (within 1%), where the two runs' settings agree apart from
 ATTENTION_KEYS and RECIPE_KEYS (the recipe keys in which they differ are named on the line; any other difference is
-named instead of a test). Welch's t-test, p Holm-corrected over every test of the study and dataset.
+named instead of a test). Each: the difference with its Welch 95% CI and Welch's t-test, p Holm-corrected within its
+family of the study and dataset: test accuracy (the primary family, with a ±1-point TOST equivalence) or the rest.
+Where runs have eval.py's lambda and quant: <dataset>_lambda.png (λ per layer) and <dataset>_quant.png (accuracy
+against bits), and their tables.
 Precision and epochs are named on every row and legend where the runs of a study and dataset differ in them, else
 once under the heading. Only the repository's own results/ folder gets the old project's published table beside ours.
 """
@@ -65,10 +68,20 @@ VAL_ACC_MARKS = {'cifar10': (0.7, 0.8)}
 TESTS = (('test_acc', 100, 'test acc (points)'), ('test_loss', 1, 'test loss'), ('val_loss', 1, 'val loss'),
          ('attn_focus', 1, 'attention focus'), ('attn_logits.top1', 1, 'largest |attention logit|'),
          ('activations.top1', 1, 'largest |activation|'), ('noise_mean', 100, 'mean noise acc (points)'),
-         ('noise_relative', 1, 'relative noise acc (mean / clean)'))
+         ('robustness', 1, 'chance-corrected robustness'), ('robust.distractors', 1, 'distractor robustness'),
+         ('quant.logits.4', 100, 'test acc, 4-bit logits (points)'))
+# the primary family: its tests, Holm-corrected among themselves, are what the verdict rests on; every other test of a
+# section forms a secondary family (they are correlated with each other and with test accuracy)
+PRIMARY = 'test_acc'
+# "matches" in test accuracy only within ±EQUIVALENCE points: both one-sided Welch tests at 0.05 (TOST), that is the
+# 90% confidence interval inside the margin
+EQUIVALENCE = 1.0
+# chance accuracy, the floor of chance-corrected robustness: every dataset of data.DATASETS has 10 classes
+CHANCE = 0.1
 # the figures of a section, in the report's order, and their alt texts
 FIGURES = {'lr_sweep': 'learning-rate sweep', 'val_loss': 'validation loss', 'val_acc': 'validation accuracy',
-           'attention': 'attention maps', 'noise': 'accuracy under noise'}
+           'attention': 'attention maps', 'noise': 'accuracy under noise', 'lambda': 'λ per layer',
+           'quant': 'accuracy against bits'}
 # the repository's own results folder: the only one whose README gets the old project's table
 OWN_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 # the project NanoDiffVision replaces, as it published them: single seeds, and its parameter counts were wrong
@@ -243,30 +256,80 @@ def cell(values, digits):
     return '–' if np.isnan(values).any() else mean_std(values, digits)
 
 
-def welch(a, b):
-    """Welch's two-sample t-test: (t, two-sided p). p comes from the Student-t density integrated numerically."""
+def t_density(x, df):
+    return np.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+                  - (df + 1) / 2 * np.log1p(np.asarray(x) ** 2 / df))
+
+
+def student_p(t, df):
+    """Two-sided p of Student's t with df degrees of freedom, its density integrated numerically."""
+    x = np.linspace(0, abs(t), 20001)
+    return max(0.0, 1 - 2 * np.trapezoid(t_density(x, df), x))
+
+
+def t_quantile(df, level):
+    """The t whose two-sided p is 1 - level: Newton's method on student_p (convex in t, so the steps never overshoot)."""
+    t = 1.0
+    for _ in range(200):
+        step = (student_p(t, df) - (1 - level)) / (2 * t_density(t, df))
+        t += step
+        if abs(step) < 1e-9:
+            break
+    return t
+
+
+def welch_parts(a, b):
+    """(difference of means a - b, its standard error, Welch's degrees of freedom)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    if va + vb == 0:
-        return (math.inf if a.mean() != b.mean() else 0.0), (0.0 if a.mean() != b.mean() else 1.0)
-    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    x = np.linspace(0, abs(t), 20001)
-    density = np.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-                     - (df + 1) / 2 * np.log1p(x ** 2 / df))
-    return t, max(0.0, 1 - 2 * np.trapezoid(density, x))
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb else math.inf
+    return a.mean() - b.mean(), math.sqrt(va + vb), df
+
+
+def welch(a, b):
+    """Welch's two-sample t-test: (t, two-sided p)."""
+    delta, se, df = welch_parts(a, b)
+    if se == 0:
+        return (math.inf if delta != 0 else 0.0), (0.0 if delta != 0 else 1.0)
+    return delta / se, student_p(delta / se, df)
+
+
+def welch_ci(a, b, level=0.95):
+    """The difference of means a - b and its Welch confidence interval: (delta, low, high)."""
+    delta, se, df = welch_parts(a, b)
+    half = t_quantile(df, level) * se if se else 0.0
+    return delta, delta - half, delta + half
+
+
+def robustness(noise):
+    """{corruption: (acc - chance) / (clean - chance), averaged over its severities}: the share of its accuracy above
+    chance that a run keeps. Noisy / clean accuracy would favour a weaker model, whose clean accuracy is nearer the
+    chance floor that any corruption leaves it."""
+    above = noise['clean'] - CHANCE
+    return {c: float(np.mean([(a - CHANCE) / above for a in accs.values()])) for c, accs in noise['accuracy'].items()}
 
 
 def stat(m, key):
     """One number of a run; NaN where the run does not have it (attention focus on CIFAR-10, outliers of old runs,
-    clean training accuracy and noise of runs older than what measures them)."""
+    clean training accuracy, noise, λ and quantization of runs older than what measures them)."""
     if key.startswith(('attn_logits', 'activations')):  # e.g. 'attn_logits.top1'
         kind, which = key.split('.')
         return m['outliers'][kind][which] if 'outliers' in m else float('nan')
-    if key.startswith('noise'):
+    if key.startswith(('noise', 'robust')):  # 'robustness': the corruptions' mean, 'robust.<corruption>': one
         if 'noise' not in m:
             return float('nan')
-        return m['noise']['mean'] / m['noise']['clean'] if key == 'noise_relative' else m['noise']['mean']
+        if key == 'noise_mean':
+            return m['noise']['mean']
+        by_corruption = robustness(m['noise'])
+        return np.mean(list(by_corruption.values())) if key == 'robustness' else by_corruption[key.split('.')[1]]
+    if key.startswith('quant'):  # 'quant.<logits or residual>.<bits>'
+        _, where, bits = key.split('.')
+        return m['quant'][where][bits] if 'quant' in m else float('nan')
+    if key == 'lambda_min':  # diff: the smallest λ of its layers; diff2: the smallest mean λ_t
+        return min(m['lambda']['layers']) if 'lambda' in m else float('nan')
+    if key == 'attn_focus_pos':  # a classic map is positive: its focus is its positive part's
+        return m.get('attn_focus_pos', m.get('attn_focus', float('nan')) if m['config']['attention'] == 'classic'
+                     else float('nan'))
     last = m['history'][-1]
     return {'val_loss': last['val_loss'], 'val_acc': last['val_acc'],
             'train_clean_acc': last.get('train_clean_acc', float('nan')), 'test_loss': m['test']['loss'],
@@ -282,18 +345,24 @@ def chosen_rates(by_run):
         done = finished(ms)
         rates = sorted({rate(m) for m in done})
         if rates:
-            compared = (set.intersection(*({m['seed'] for m in done if rate(m) == r} for r in rates))
-                        or {m['seed'] for m in done})
+            compared = selection_seeds(done)
             chosen[run] = max(rates, key=lambda r: np.mean([stat(m, 'val_acc') for m in done
                                                             if rate(m) == r and m['seed'] in compared]))
     return chosen
 
 
+def selection_seeds(done):
+    """The seeds a rate is chosen on: those every rate has, or every seed where the rates share none."""
+    rates = {rate(m) for m in done}
+    return (set.intersection(*({m['seed'] for m in done if rate(m) == r} for r in rates))
+            or {m['seed'] for m in done})
+
+
 def sweep_table(by_run, chosen):
     """Per run_name its final validation accuracy at each learning rate (seeds, failed runs) and the rate chosen."""
     rates = sorted({rate(m) for ms in by_run.values() for m in ms})
-    lines = ["| model | " + ''.join(f"lr {rate_name(r)} | " for r in rates) + "chosen lr |",
-             "|" + "---|" * (len(rates) + 2)]
+    lines = ["| model | " + ''.join(f"lr {rate_name(r)} | " for r in rates) + "chosen lr | "
+             "test acc at it (%): all seeds / without the selection seeds |", "|" + "---|" * (len(rates) + 3)]
     for run in ordered(by_run):
         cells = []
         for r in rates:
@@ -307,7 +376,13 @@ def sweep_table(by_run, chosen):
         else:
             edge = ' (the only rate tried)' if len(tried) == 1 else ' (at the edge: add the next rate out)'
             choice = rate_name(chosen[run]) + (edge if chosen[run] in (tried[0], tried[-1]) else '')
-        lines.append(f"| {run} | " + ' | '.join(cells) + f" | {choice} |")
+        # the winner's curse: the selection seeds' test accuracy is not independent of the choice made on them
+        at = [m for m in finished(by_run[run]) if run in chosen and rate(m) == chosen[run]]
+        rest = [m for m in at if m['seed'] not in selection_seeds(finished(by_run[run]))]
+        curse = (f"{mean_std([100 * stat(m, 'test_acc') for m in at], 2)} / "
+                 + (f"{mean_std([100 * stat(m, 'test_acc') for m in rest], 2)} ({seeds(len(rest))})" if rest else '–')
+                 if at else '–')
+        lines.append(f"| {run} | " + ' | '.join(cells) + f" | {choice} | {curse} |")
     return lines
 
 
@@ -511,13 +586,13 @@ def outlier_table(by_run, tags):
 
 
 def noise_table(by_run, tags):
-    """Per run, over its seeds that have noise: clean and mean noise accuracy, their ratio, and each corruption's mean
-    over its severities."""
+    """Per run, over its seeds that have noise: clean and mean noise accuracy, chance-corrected robustness (the mean of
+    its corruptions') and each corruption's mean accuracy over its severities."""
     levels = noise_levels(by_run)
     runs = [r for r in ordered(by_run) if any('noise' in m for m in by_run[r])]
     if not runs:
         return []
-    lines = ["| model | clean acc (%) | mean noise acc (%) | relative (mean / clean) | "
+    lines = ["| model | clean acc (%) | mean noise acc (%) | robustness | "
              + ''.join(f"{c} (%) | " for c in levels) + "seeds |", "|" + "---|" * (len(levels) + 5)]
     for run in runs:
         ms = [m for m in by_run[run] if 'noise' in m]
@@ -525,9 +600,132 @@ def noise_table(by_run, tags):
                              else np.nan for m in ms], 2) for c in levels]
         lines.append(f"| {label(run, tags)} | {mean_std([100 * m['noise']['clean'] for m in ms], 2)} | "
                      f"{mean_std([100 * stat(m, 'noise_mean') for m in ms], 2)} | "
-                     f"{mean_std([stat(m, 'noise_relative') for m in ms], 3)} | "
+                     f"{mean_std([stat(m, 'robustness') for m in ms], 3)} | "
                      + ''.join(f"{c} | " for c in corruptions) + f"{len(ms)} |")
     return lines
+
+
+def robustness_table(by_run, tags):
+    """Per run, chance-corrected robustness: overall (the corruptions' mean, each weighing the same) and per corruption
+    (its severities' mean of (acc - chance) / (clean - chance))."""
+    levels = noise_levels(by_run)
+    runs = [r for r in ordered(by_run) if any('noise' in m for m in by_run[r])]
+    if not runs:
+        return []
+    lines = ["| model | robustness | " + ''.join(f"{c} | " for c in levels) + "seeds |",
+             "|" + "---|" * (len(levels) + 3)]
+    for run in runs:
+        ms = [m for m in by_run[run] if 'noise' in m]
+        lines.append(f"| {label(run, tags)} | {mean_std([stat(m, 'robustness') for m in ms], 3)} | "
+                     + ''.join(f"{cell([stat(m, 'robust.' + c) for m in ms], 3)} | " for c in levels)
+                     + f"{len(ms)} |")
+    return lines
+
+
+def layers(values, digits=3):
+    return ', '.join(f"{v:.{digits}f}" for v in values)
+
+
+def lambda_table(by_run, tags):
+    """Per run and seed, what λ learned (eval.py's lambda: diff's λ per layer, diff2's λ_t per layer) beside the run's
+    test accuracy and attention focus (|A| and its positive part), and the line that counts diff's runs with a layer
+    at λ ≤ 0."""
+    runs = [r for r in ordered(by_run) if any('lambda' in m for m in by_run[r])]
+    if not runs:
+        return []
+    lines = ["| model | seed | λ per layer (diff2: mean λ_t) | smallest | λ_t 10th pct | λ_t 90th pct | "
+             "share λ_t < 0.1 | test acc (%) | attention focus | focus, positive part |", "|" + "---|" * 10]
+    crossed = []
+    for run in runs:
+        for m in by_run[run]:
+            if 'lambda' not in m:
+                continue
+            lam = m['lambda']
+            spread = [layers(lam[k], 2) if k in lam else '–' for k in ('p10', 'p90', 'below_0.1')]
+            focus = [cell([stat(m, k)], 3) for k in ('attn_focus', 'attn_focus_pos')]
+            lines.append(f"| {label(run, tags)} | {m['seed']} | {layers(lam['layers'])} | {min(lam['layers']):.3f} | "
+                         + ' | '.join(spread) + f" | {100 * stat(m, 'test_acc'):.2f} | " + ' | '.join(focus) + " |")
+            if m['config']['attention'] == 'diff':
+                crossed.append(min(lam['layers']) <= 0)
+    if crossed:
+        lines += ["", f"diff runs with a layer at λ ≤ 0 (that layer adds its two maps): {sum(crossed)} of {len(crossed)}"]
+    return lines
+
+
+def lambda_figure(dataset, by_run, tags, path):
+    """λ against layer, one line per seed, a colour per run (diff: λ; diff2: mean λ_t over the test set, its 10th to
+    90th percentile shaded)."""
+    colour = colours(by_run)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for run in ordered(by_run):
+        ms = [m for m in by_run[run] if 'lambda' in m]
+        for i, m in enumerate(ms):
+            lam = m['lambda']
+            x = np.arange(len(lam['layers']))
+            ax.plot(x, lam['layers'], color=colour[run], marker='o', label=label(run, tags, seeds(len(ms))) if not i else None)
+            if 'p10' in lam:
+                ax.fill_between(x, lam['p10'], lam['p90'], color=colour[run], alpha=0.1, linewidth=0)
+    ax.axhline(0, color='black', linewidth=0.8)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel('layer')
+    ax.set_ylabel('λ')
+    ax.set_title(f"{dataset}: λ per layer, every seed (diff2: mean λ_t, 10th-90th pct shaded)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def quant_bits(by_run):
+    return sorted({b for ms in by_run.values() for m in ms for b in m.get('quant', {}).get('logits', {})},
+                  key=int, reverse=True)
+
+
+def quant_table(by_run, tags):
+    """Per run, over its seeds that have it: clean test accuracy and the accuracy with the attention logits or the
+    residual stream fake-quantized at each number of bits (eval.py's quant)."""
+    bits = quant_bits(by_run)
+    runs = [r for r in ordered(by_run) if any('quant' in m for m in by_run[r])]
+    if not runs:
+        return []
+    lines = ["| model | clean acc (%) | " + ''.join(f"logits {b}-bit | " for b in bits)
+             + ''.join(f"residual {b}-bit | " for b in bits) + "seeds |", "|" + "---|" * (2 * len(bits) + 3)]
+    for run in runs:
+        ms = [m for m in by_run[run] if 'quant' in m]
+        cells = [cell([100 * stat(m, f'quant.{where}.{b}') for m in ms], 2) for where in ('logits', 'residual')
+                 for b in bits]
+        lines.append(f"| {label(run, tags)} | {mean_std([100 * stat(m, 'test_acc') for m in ms], 2)} | "
+                     + ' | '.join(cells) + f" | {len(ms)} |")
+    return lines
+
+
+def quant_figure(dataset, by_run, tags, path):
+    """Test accuracy against bits, clean first, one panel per setting (logits, residual stream), one line per run:
+    the mean over its seeds ± 1 std where several."""
+    bits = quant_bits(by_run)
+    colour = colours(by_run)
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), sharey=True)
+    for ax, where in zip(axes, ('logits', 'residual')):
+        x = np.arange(len(bits) + 1)
+        for run in ordered(by_run):
+            ms = [m for m in by_run[run] if 'quant' in m]
+            if not ms:
+                continue
+            accs = np.array([[stat(m, 'test_acc')] + [stat(m, f'quant.{where}.{b}') for b in bits] for m in ms])
+            ax.errorbar(x, accs.mean(0), yerr=accs.std(0, ddof=1) if len(ms) > 1 else None, color=colour[run],
+                        marker='o', markersize=3, capsize=2, label=label(run, tags, seeds(len(ms))))
+        ax.set_xticks(x, ['clean'] + [str(b) for b in bits])
+        ax.set_xlabel('bits')
+        ax.set_title({'logits': 'attention logits quantized', 'residual': 'residual stream quantized'}[where],
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('test accuracy')
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{dataset}: absmax fake quantization, per image (mean ± 1 std over seeds where several)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def holm(ps):
@@ -554,12 +752,13 @@ def comparison(by_run, tags):
     prefix where there are such, e.g. cifar10_small_h4_vit for cifar10_small_h4_diff), and a run whose
     attention is not classic also against its *_balanced runs and any classic run of its parameter count (a control
     such as cifar10_small_vit351k for diff2), where comparable() allows: for each of TESTS the
-    difference of means, whether it exceeds 2 std, and Welch's t-test, whose p is Holm-corrected over every test here
-    (the family: one study and dataset); the verdict uses that p."""
+    difference of means with its Welch 95% CI, whether it exceeds 2 std, and Welch's t-test, whose p is Holm-corrected
+    within its family of this study and dataset: test accuracy (PRIMARY, the verdict's; with its TOST equivalence at
+    ±EQUIVALENCE points) or the rest."""
     classic = [r for r in ordered(by_run) if by_run[r][0]['config']['attention'] == 'classic'
                and not settings(by_run[r][0])['qk_norm']]
     vits = [r for r in classic if r.endswith('_vit')]
-    rows = []  # (line up to its verdict, raw p), p None where there is no test
+    rows = []  # (line up to its verdict, raw p, whether in the primary family), p None where there is no test
     for run in ordered(by_run):
         if run in vits:
             continue
@@ -574,37 +773,44 @@ def comparison(by_run, tags):
             pair = f"{label(run, tags)} vs {label(other, tags)}"
             recipe, rest = comparable(a[0], b[0])
             if rest:
-                rows.append((f"- {pair}: not compared: differ in {described(rest)}", None))
+                rows.append((f"- {pair}: not compared: differ in {described(rest)}", None, False))
                 continue
             if recipe:
                 pair += f" (also differs in {described(recipe)})"
             if min(len(a), len(b)) < 2:
-                rows.append((f"- {pair}: needs at least 2 seeds each for a test", None))
+                rows.append((f"- {pair}: needs at least 2 seeds each for a test", None, False))
                 continue
             for key, scale, name in TESTS:
                 xa, xb = [scale * stat(m, key) for m in a], [scale * stat(m, key) for m in b]
-                if key.startswith('noise'):  # runs older than eval.py have none: the seeds that have it
+                if key.startswith(('noise', 'robust', 'quant')):  # runs older than eval.py's: the seeds that have it
                     xa, xb = [x for x in xa if not math.isnan(x)], [x for x in xb if not math.isnan(x)]
                 if min(len(xa), len(xb)) < 2 or np.isnan(xa).any() or np.isnan(xb).any():
                     continue
-                delta = np.mean(xa) - np.mean(xb)
+                delta, low, high = welch_ci(xa, xb)
                 spread = max(np.std(xa, ddof=1), np.std(xb, ddof=1))
                 t, p = welch(xa, xb)
-                rows.append((f"- {pair}, {name}: {delta:+.4f} (larger std {spread:.4f}; "
-                             f"{'exceeds' if abs(delta) > 2 * spread else 'within'} 2 std), "
-                             f"Welch t = {t:+.2f}, p = {p:.3f}", p))
+                text = (f"- {pair}, {name}: {delta:+.4f} (95% CI [{low:+.4f}, {high:+.4f}]; larger std {spread:.4f}; "
+                        f"{'exceeds' if abs(delta) > 2 * spread else 'within'} 2 std), Welch t = {t:+.2f}, p = {p:.3f}")
+                if key == PRIMARY:
+                    _, low, high = welch_ci(xa, xb, 0.90)
+                    text += (f", ±{EQUIVALENCE:g}-point equivalence (TOST, 90% CI [{low:+.2f}, {high:+.2f}]): "
+                             f"{'holds' if -EQUIVALENCE < low and high < EQUIVALENCE else 'not shown'}")
+                rows.append((text, p, key == PRIMARY))
     if not rows:
         return []
-    ps = [p for _, p in rows if p is not None]
-    corrected = iter(holm(ps))
-    lines = [f"Comparisons (Holm p: Welch's p corrected over these {len(ps)} tests, the family of this study and "
-             "dataset; the verdict uses it):" if ps else "Comparisons:", ""]
-    for text, p in rows:
+    families = {primary: [p for _, p, f in rows if p is not None and f == primary] for primary in (True, False)}
+    corrected = {primary: iter(holm(ps)) for primary, ps in families.items()}
+    lines = [f"Comparisons (difference of means a - b with its Welch 95% CI; Holm p: Welch's p corrected within its "
+             f"family, the primary one of these {len(families[True])} test-accuracy tests, on which the verdict rests, "
+             f"or the secondary one of the section's {len(families[False])} other tests):"
+             if any(families.values()) else "Comparisons:", ""]
+    for text, p, primary in rows:
         if p is None:
             lines.append(text)
             continue
-        q = next(corrected)
-        lines.append(f"{text}, Holm p = {q:.3f}: {'significant (p < 0.05)' if q < 0.05 else 'not significant'}")
+        q = next(corrected[primary])
+        lines.append(f"{text}, Holm p = {q:.3f} ({'primary' if primary else 'secondary'}): "
+                     f"{'significant (p < 0.05)' if q < 0.05 else 'not significant'}")
     return lines
 
 
@@ -625,22 +831,37 @@ def main(folder):
               "(the DIFF paper's Table 5): the largest, 10th largest and median |value| over the test set of the "
               "attention logits before each softmax (QKᵀ/√d) and of the residual stream (every block's output). "
               "Noise (eval.py): test accuracy under each corruption at each severity; mean noise acc is the mean over "
-              "every (corruption, severity) cell, relative is mean / clean, a corruption's column its mean over its "
-              "severities; runs from before eval.py are left out of it. Learning-rate sweeps (a study of lr<rate>/ "
+              "every (corruption, severity) cell, a corruption's column its mean over its severities; runs from before "
+              "eval.py are left out of it. Robustness is chance-corrected: (acc - chance) / (clean - chance), chance "
+              f"{CHANCE:g}, averaged over a corruption's severities, then over the corruptions with equal weight "
+              "(noisy / clean accuracy would favour a weaker model). What λ learned (eval.py's lambda): diff's λ per "
+              "layer (λ ≤ 0: the layer adds its two maps instead of subtracting them), diff2's λ_t over every token "
+              "and head of the test set; attention focus averages |A|, which for a signed diff map also counts what "
+              "it subtracts (and where λ < 0 the map is att1 + |λ| att2), so the focus of the positive part max(A, 0) "
+              "stands beside it. Quantization (eval.py's quant, the DIFF paper's Fig. 8): test accuracy with the "
+              "attention logits before every softmax, or every block's output on the residual stream, fake-quantized "
+              "by dynamic absmax per image and layer (all heads and maps of a layer share one scale; 2^(b-1) - 1 "
+              "levels each side), no retraining. Learning-rate sweeps (a study of lr<rate>/ "
               "folders): per run_name the final validation accuracy at each rate; the rate of the highest mean over "
               "the seeds every rate has is chosen (test accuracy plays no part), flagged where it is the lowest or "
               "highest tried, and the rest of the section is made from each run_name's runs at its chosen rate, "
-              "named on its row. Comparisons: a study's vit (classic attention, no qk_norm) is the baseline of every "
+              "named on its row; the sweep table gives the test accuracy at the chosen rate also without the seeds "
+              "it was chosen on (a winner's curse favours the variant with more rates tried). Comparisons: a study's "
+              "vit (classic attention, no qk_norm) is the baseline of every "
               "other run, and a run whose "
               "attention is not classic is also compared with balanced and with a classic run of its parameter count "
               "(within 1%, e.g. vit351k for diff2); two runs are compared only where their "
               f"settings agree apart from the attention ({', '.join(ATTENTION_KEYS)}) and the recipe a study may "
               f"choose per variant ({', '.join(RECIPE_KEYS)}: named on the line where they differ), else the line "
-              "says in what they differ. Each comparison: the difference of means and Welch's t-test, whose p is "
-              "given raw and Holm–Bonferroni corrected (Holm p) over its family, every test of one section (one study "
-              "and dataset: accuracy, losses, focus, outliers and noise together); the verdict, significant at 0.05 "
-              "or not, uses Holm p. Precision and epochs: under a section's heading where its runs agree on them, "
-              "else on every row and legend.", ""]
+              "says in what they differ. Each comparison: the difference of means with its 95% confidence interval "
+              "(Welch) and Welch's t-test, whose p is given raw and Holm–Bonferroni corrected (Holm p) within its "
+              "family. Holm families: test accuracy is the primary family (the test-accuracy comparisons of one "
+              "section, one study and dataset), on which the verdict rests; the section's other tests (losses, focus, "
+              "outliers, noise, robustness, 4-bit accuracy: correlated with each other and with accuracy) form a "
+              "secondary family of their own. Significant means Holm p < 0.05; \"no difference detected\" is not "
+              f"equivalence: test accuracy is called equivalent only where the 90% CI lies inside ±{EQUIVALENCE:g} "
+              "point (two one-sided tests, TOST). Precision and epochs: under a section's heading where its runs "
+              "agree on them, else on every row and legend.", ""]
     written = []
     for study, dataset in sorted(runs, key=lambda k: (k[0] != '.', k)):  # the folder's own runs first
         everything = runs[study, dataset]
@@ -677,7 +898,16 @@ def main(folder):
         if noise_levels(by_run):
             noise_figure(dataset, by_run, tags, os.path.join(folder, figure['noise']))
             made.append('noise')
-        for title, table in (('Outliers:', outlier_table(by_run, tags)), ('Noise:', noise_table(by_run, tags))):
+        if any('lambda' in m for ms in by_run.values() for m in ms):
+            lambda_figure(dataset, by_run, tags, os.path.join(folder, figure['lambda']))
+            made.append('lambda')
+        if quant_bits(by_run):
+            quant_figure(dataset, by_run, tags, os.path.join(folder, figure['quant']))
+            made.append('quant')
+        for title, table in (('Outliers:', outlier_table(by_run, tags)), ('Noise:', noise_table(by_run, tags)),
+                             ('Chance-corrected robustness:', robustness_table(by_run, tags)),
+                             ('What λ learned:', lambda_table(by_run, tags)),
+                             ('Quantization (test accuracy, %):', quant_table(by_run, tags))):
             if table:
                 report += [title, ""] + table + [""]
         comparisons = comparison(by_run, tags)

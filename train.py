@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
 from data import AUGMENTATIONS, DATASETS, augment_batch, batches, load_dataset, normalize
-from eval import analyse, evaluate, model_config, parse_analyses, say, write_atomic
+from eval import analyse, evaluate, lambda_stats, model_config, parse_analyses, say, write_atomic
 from machine import cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
 from model import ViT
 
@@ -48,7 +48,7 @@ out_dir = ''  # default: out/<run_name>/seed<seed> (git-ignored); the studies in
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt): give the run's config file and flags again
 overwrite = False  # True: replace the run already in out_dir; without it a run never starts over another
 log_interval = 100  # steps between progress lines (and one at least every 30 s)
-analyses = 'outliers,attention'  # eval.py's, after the test set: outliers, attention, noise (minutes on CIFAR-10; the studies run it), 'all', or ''
+analyses = 'outliers,attention'  # eval.py's, after the test set: outliers, attention, noise, lambda, quant (noise and quant: minutes on CIFAR-10; the studies run all), 'all', or ''
 wandb_log = False  # True: the config, progress lines, epochs and analyses to Weights & Biases too (pip install wandb)
 wandb_project = 'nanodiffvision'  # the W&B project of the runs
 wandb_run_name = ''  # the W&B run's name; default: <run_name>_seed<seed>
@@ -466,9 +466,12 @@ while state['epoch'] < epochs:
     val_loss, val_acc, _ = evaluate(model, *splits['val'], dataset, autocast, label_smoothing)
     _, train_clean_acc, _ = evaluate(model, *splits['train_clean'], dataset, autocast, label_smoothing)
     state['elapsed'] = time.time() - start
+    # λ per layer (diff2: mean λ_t over the first 1,000 validation images), so that a study sees when λ crosses zero
+    lam = lambda_stats(raw_model, splits['val'][0][:1000], dataset, autocast)
     epoch_row = dict(epoch=epoch + 1, step=state['step'], lr=get_lr(state['step'] - 1), train_loss=train_loss_sum / n,
                      train_acc=train_correct / n, train_clean_acc=train_clean_acc, val_loss=val_loss, val_acc=val_acc,
-                     time_s=state['elapsed'], peak_mem_mb=peak_memory_mb(device))
+                     time_s=state['elapsed'], peak_mem_mb=peak_memory_mb(device),
+                     **({'lambda': lam['layers']} if lam else {}))
     state['history'].append(epoch_row)
     state['best_val_loss'] = min(state['best_val_loss'], val_loss)
     state.update(epoch=epoch + 1, batch=0, epoch_sums=[0.0, 0.0, 0.0])

@@ -14,6 +14,8 @@ import torch
 from conftest import ROOT, TINY, one_line_error, run_forked, run_train_fast, synthetic_images, train_env
 from data import (CORRUPTIONS, DATASETS, box_patches, cluttered_mnist, corrupt, load_dataset, noise_draws,
                   patch_mask)
+from eval import QUANT_BITS, evaluate, fake_quantize, lambda_stats, model_config, quantized_accuracy
+from model import ViT, ViTConfig, lambda_init_fn
 
 
 def grey_test_set(n=200, shape=(3, 32, 32), seed=0):
@@ -154,6 +156,11 @@ def test_eval_reproduces_a_run_from_its_weights_alone(small_data_dir, trained, t
     cells = [a for by_severity in noise['accuracy'].values() for a in by_severity.values()]
     assert noise['mean'] == pytest.approx(np.mean(cells)) and all(0 <= a <= 1 for a in cells)
     assert np.load(tmp_path / 'attention.npz')['cls_attn'].shape == (1, 16, 1, 49)
+    assert len(first['lambda']['layers']) == 1 and 0 <= first['attn_focus_pos'] <= 1
+    assert all(len(h['lambda']) == 1 for h in first['history'])  # train.py records λ every epoch
+    assert first['history'][-1]['lambda'] == first['lambda']['layers']
+    assert {k: list(v) for k, v in first['quant'].items()} == {k: [str(b) for b in QUANT_BITS]
+                                                               for k in ('logits', 'residual')}
     run_forked('eval.py', tmp_path, f'--data_dir={small_data_dir}', '--only=noise')
     assert read(tmp_path) == first
 
@@ -183,6 +190,91 @@ def test_eval_leaves_an_unfinished_run_to_go_on(small_data_dir, tmp_path):
     proc = run_forked('eval.py', tmp_path, f'--data_dir={small_data_dir}', '--only=test')
     assert 'has not finished' in proc.stdout and 'test loss' in proc.stdout
     assert read(tmp_path) == metrics
+
+
+def test_fake_quantize_maps_a_known_tensor_to_its_levels():
+    """3 bits: 3 levels each side of zero, one absmax scale per image (dim 0) over all its other dims."""
+    x = torch.tensor([[[0.9, -0.6], [0.26, 0.1]], [[2.0, 0.9], [-3.0, 0.4]]])
+    s0, s1 = 0.9 / 3, 3.0 / 3
+    expected = torch.tensor([[[3 * s0, -2 * s0], [1 * s0, 0.0]], [[2 * s1, 1 * s1], [-3 * s1, 0.0]]])
+    assert torch.allclose(fake_quantize(x, 3), expected)
+    assert fake_quantize(x, 8).unique().numel() <= 2 * 127 + 1
+    assert torch.equal(fake_quantize(torch.zeros(2, 3), 4), torch.zeros(2, 3))  # no scale to divide by
+
+
+@pytest.mark.parametrize('attention', ['classic', 'diff', 'diff2'])
+def test_every_attention_applies_the_logit_quantizer_to_all_its_maps_at_once(attention):
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(attention=attention, n_head=2, n_layer=2)).eval()
+    x = torch.randn(4, 1, 28, 28)
+    seen = []
+
+    def quantize(logits):
+        seen.append(logits.shape)
+        return fake_quantize(logits, 16)
+    with torch.no_grad():
+        clean = model(x)
+        for block in model.blocks:
+            block.attn.quantize_logits = quantize
+        fine = model(x)
+        for block in model.blocks:
+            block.attn.quantize_logits = lambda logits: fake_quantize(logits, 2)
+        coarse = model(x)
+    maps = 2 if attention == 'classic' else 2 * (1 if attention == 'diff' else 2)  # every head, both maps of each
+    assert seen == [(4, maps, 50, 50)] * 2
+    assert torch.allclose(fine, clean, atol=1e-3) and not torch.allclose(coarse, clean, atol=1e-3)
+
+
+def test_quantized_accuracy_at_16_bits_is_the_clean_accuracy(small_data_dir, trained):
+    """On a trained model: 16 bits change no prediction, 2 bits do, in both settings; the hooks leave no trace."""
+    model = ViT(model_config(read(trained)['config']))
+    model.load_state_dict(torch.load(trained / 'model.pt', weights_only=True))
+    x, y = load_dataset('mnist', small_data_dir)['test']
+    args = ('mnist', torch.autocast('cpu', enabled=False), 0.1)
+    clean = evaluate(model, x, y, *args)[1]
+    quant = quantized_accuracy(model, x, y, *args, bits=(16, 2))
+    assert quant['logits']['16'] == quant['residual']['16'] == clean
+    assert quant['logits']['2'] != clean and quant['residual']['2'] != clean
+    assert evaluate(model, x, y, *args)[1] == clean
+    assert all(block.attn.quantize_logits is None and not block._forward_hooks for block in model.blocks)
+
+
+def test_lambda_of_diff_is_read_from_its_vectors():
+    """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, set by hand: e^(ln 2) − e^(ln 3) + λ_init, then λ_init alone."""
+    model = ViT(ViTConfig(attention='diff', n_head=2, n_layer=3))
+    with torch.no_grad():
+        for block in model.blocks:
+            for name, value in (('q1', 1.0), ('k1', np.log(2)), ('q2', 1.0), ('k2', np.log(3))):
+                vector = getattr(block.attn, f'lambda_{name}')
+                vector.zero_()
+                vector[0] = value
+    expected = [2 - 3 + lambda_init_fn(i) for i in range(3)]
+    assert lambda_stats(model, None, 'mnist', torch.autocast('cpu', enabled=False))['layers'] == pytest.approx(expected)
+    assert max(expected) < 0  # 2 − 3 + λ_init: every layer adds its two maps
+    with torch.no_grad():
+        model.blocks[1].attn.lambda_q1.zero_()
+        model.blocks[1].attn.lambda_q2.zero_()
+    layers = lambda_stats(model, None, 'mnist', torch.autocast('cpu', enabled=False))['layers']
+    assert layers[1] == pytest.approx(lambda_init_fn(1)) and layers[0] == pytest.approx(expected[0])
+
+
+def test_lambda_of_diff2_is_read_per_token_and_head():
+    """λ_t = sigmoid(x_t Wλ): with ln_1 giving every token the same vector c (gain 0, bias c), Wλ set by hand makes head
+    0's λ_t sigmoid(−5) and head 1's 0.5 on every token: mean 0.2534, 10th percentile 0.0067, 90th 0.5, half below
+    0.1; classic attention has no λ."""
+    model = ViT(ViTConfig(attention='diff2', n_head=2, n_layer=2, n_embd=32, mlp_dim=64))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ln_1.weight.zero_()
+            block.ln_1.bias.fill_(0.5)
+            block.attn.lambda_proj.weight.copy_(torch.tensor([[-5.0], [0.0]]) / (32 * 0.5))
+    x = torch.randint(0, 256, (30, 1, 28, 28), dtype=torch.uint8)
+    stats = lambda_stats(model, x, 'mnist', torch.autocast('cpu', enabled=False))
+    low = 1 / (1 + np.exp(5))
+    assert stats['layers'] == pytest.approx([(low + 0.5) / 2] * 2, abs=1e-6)
+    assert stats['p10'] == pytest.approx([low] * 2, abs=1e-6) and stats['p90'] == pytest.approx([0.5] * 2, abs=1e-6)
+    assert stats['below_0.1'] == [0.5, 0.5]
+    assert lambda_stats(ViT(ViTConfig(attention='classic')), x, 'mnist', None) is None
 
 
 def test_eval_with_a_closed_stdout_still_writes_its_results(small_data_dir, trained, tmp_path):

@@ -39,7 +39,7 @@ def test_run_learns_and_writes_valid_metrics(finished_run):
     assert m['config']['epochs'] == 3 and m['config']['attention'] == 'diff' and m['config']['n_embd'] == 32
     assert m['params'] > 0 and f"{m['params']:,} parameters" in proc.stdout
     assert [h['epoch'] for h in m['history']] == [1, 2, 3]
-    assert all(set(h) == HISTORY_KEYS for h in m['history'])
+    assert all(set(h) == HISTORY_KEYS | {'lambda'} for h in m['history'])  # λ per layer: a diff run
     assert all(0 <= h[k] <= 1 for h in m['history'] for k in ('train_acc', 'train_clean_acc', 'val_acc'))
     assert all(h['peak_mem_mb'] > 0 for h in m['history'])
     assert m['history'][-1]['val_loss'] < m['history'][0]['val_loss']
