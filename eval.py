@@ -190,7 +190,7 @@ def lambda_stats(model, x, dataset, autocast):
     was_training = model.training
     model.eval()
     values = [[] for _ in model.blocks]
-    for idx in eval_batches(x):
+    for idx in eval_batches(model, x):
         with autocast:
             h = model.embed(normalize(x[idx], dataset))
             for block, layer in zip(model.blocks, values):
@@ -210,7 +210,7 @@ def positive_focus(model, x, relevant, dataset, autocast):
     positive part compares with a classic map (for which it is the focus itself)."""
     model.eval()
     total = 0.0
-    for idx in eval_batches(x):
+    for idx in eval_batches(model, x):
         with autocast:
             _, maps = model(normalize(x[idx], dataset), return_attn=True)
         total += attention_focus(maps[-1][:, :, 0, 1:].clamp_min(0), relevant[idx]).sum().item()
