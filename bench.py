@@ -9,7 +9,6 @@ also times whole epochs of the resident data pipeline (data.py) against a torchv
 per-sample transforms, both feeding the same model.
 """
 
-import dataclasses
 import json
 import os
 import sys
@@ -21,13 +20,12 @@ if 'OMP_WAIT_POLICY' not in os.environ:  # a policy the user set wins
     os.environ.setdefault('GOMP_SPINCOUNT', '3000000')
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from configurator import apply_config, read_defaults
 from data import DATASETS, augment_batch, batches, import_torchvision, load_dataset, normalize
 from eval import model_config as run_model_config
 from machine import cpu_name, cpu_reading, free_cores, keep_freed_memory, peak_memory_mb, resolve_auto
-from model import ATTENTIONS, ViT
+from model import ATTENTIONS, ViT, flops_per_image
 
 keep_freed_memory()
 
@@ -69,15 +67,6 @@ cpu = cpu_name() if device_type == 'cpu' else None  # CPU timings depend on the 
 
 def model_config(kind, impl=attn_impl):
     return run_model_config(dict(globals(), attention=kind, attn_impl=impl))  # as train.py builds it
-
-
-def flops_per_image(config):
-    """Matmul FLOPs of one training image, forward and backward, on the explicit path, as torch's FlopCounterMode counts
-    them in the model itself (linear layers, patch embedding, QKᵀ and AV); norms and activations left out."""
-    model = ViT(dataclasses.replace(config, attn_impl='explicit'))
-    with FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, config.in_channels, config.image_size, config.image_size)).sum().backward()
-    return counter.get_total_flops()
 
 
 def peak_flops():

@@ -14,6 +14,8 @@ Analyses (--only=a,b; default all):
              (mean, 10th and 90th percentile, share below 0.1); and the positive-part attention focus (below)
   quant      the DIFF paper's quantization test (its Fig. 8): test accuracy with the attention logits, or the residual
              stream, fake-quantized at QUANT_BITS bits, no retraining (fake_quantize: the scheme)
+  compute    the matmul FLOPs of one training image (model.flops_per_image), from which plot.py gives a run's training
+             compute; every train.py run records it
 """
 
 import json
@@ -30,9 +32,9 @@ from configurator import ConfigError, configure
 from data import (CORRUPTIONS, DATASETS, batches, box_patches, corrupt, foreground_patches, load_dataset, noise_draws,
                   normalize)
 from machine import keep_freed_memory, resolve_auto
-from model import ViT, ViTConfig, attention_focus
+from model import ViT, ViTConfig, attention_focus, flops_per_image
 
-ANALYSES = ('test', 'outliers', 'attention', 'noise', 'lambda', 'quant')
+ANALYSES = ('test', 'outliers', 'attention', 'noise', 'lambda', 'quant', 'compute')
 QUANT_BITS = (8, 6, 4, 3)
 
 
@@ -286,6 +288,8 @@ def analyse(model, splits, dataset, patch_size, autocast, label_smoothing, only=
         log("quantized test accuracy (bits: %): " + '; '.join(
             f"{where} " + ', '.join(f"{b} {100 * a:.2f}" for b, a in accs.items())
             for where, accs in results['quant'].items()))
+    if 'compute' in only:
+        results['flops_per_image'] = flops_per_image(model.config)
     return results, sample
 
 

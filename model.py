@@ -9,11 +9,12 @@ Each can normalise its queries and keys (qk_norm, Dehghani et al. 2023), which b
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass
@@ -332,6 +333,16 @@ class ViT(nn.Module):
             maps.append(att)
         logits = self.head(self.ln_f(x)[:, 0])
         return (logits, maps) if return_attn else logits
+
+
+def flops_per_image(config):
+    """Matmul FLOPs of one training image, forward and backward, on the explicit path, as torch's FlopCounterMode counts
+    them (linear layers, patch embedding, QKᵀ and AV; norms and activations left out): a run's training compute is this
+    times the images it saw. On a fresh model, with the caller's random state left as it was."""
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+        model = ViT(replace(config, attn_impl='explicit'))
+        model(torch.randn(1, config.in_channels, config.image_size, config.image_size)).sum().backward()
+    return counter.get_total_flops()
 
 
 def attention_focus(cls_attn, foreground):

@@ -82,6 +82,19 @@ CHANCE = 0.1
 FIGURES = {'lr_sweep': 'learning-rate sweep', 'val_loss': 'validation loss', 'val_acc': 'validation accuracy',
            'attention': 'attention maps', 'noise': 'accuracy under noise', 'lambda': 'λ per layer',
            'quant': 'accuracy against bits'}
+# the studies of "when would diff win?": one figure each of test accuracy against an axis, x label, x of a run, and its
+# panels: (the axis study, the study holding each variant's default setting, e.g. lr_sweep's cifar10_small_vit at
+# n_head 8 with its chosen rate). The pixels a side of each dataset's images, for the number of tokens
+IMAGE_SIZE = {'mnist': 28, 'fashionmnist': 28, 'cifar10': 32, 'mnist_cluttered': 40, 'mnist_cluttered56': 56}
+AXES = {
+    'head_width': ('head width (n_embd / n_head)', lambda m: m['config']['n_embd'] // m['config']['n_head'],
+                   (('cifar10_small_heads', 'lr_sweep'),)),
+    'size': ('parameters', lambda m: m['params'], (('cifar10_small_size', 'lr_sweep'),)),
+    'tokens': ('tokens (patches)', lambda m: (IMAGE_SIZE[m['dataset']] // m['config']['patch_size']) ** 2,
+               (('cifar10_small_tokens', 'lr_sweep'), ('mnist_cluttered56', 'mnist_cluttered_sweep'))),
+}
+# the variants the axes follow (at the default setting also where an axis study lacks them: diff on the size axis)
+AXIS_VARIANTS = ('vit', 'diff', 'diff2')
 # the repository's own results folder: the only one whose README gets the old project's table
 OWN_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 # the project NanoDiffVision replaces, as it published them: single seeds, and its parameter counts were wrong
@@ -542,12 +555,20 @@ def machine(m):
     return m['device'] + (': ' + ' + '.join(m['cpu']) if m.get('cpu') else '')
 
 
+def compute_cell(ms):
+    """Training compute, TFLOP: the matmul FLOPs of a training image (eval.py's compute) times the images the run saw
+    (its steps times the global batch); – for runs from before it was recorded."""
+    flops = [m['flops_per_image'] * m['history'][-1]['step'] * m['config']['batch_size'] if 'flops_per_image' in m
+             else float('nan') for m in ms]
+    return '–' if np.isnan(flops).any() else f"{np.mean(flops) / 1e12:,.1f}"
+
+
 def dataset_table(dataset, by_run, failed, tags):
     """One row per run_name: its finished runs' numbers, and a row of '–' for a run_name whose runs all failed."""
     marks = VAL_ACC_MARKS.get(dataset, ())
     header = (['model', 'params', 'val loss', 'val acc (%)', 'test loss', 'test acc (%)', 'train acc (clean, %)',
                'attention focus', 'seeds', 'failed', 's/epoch', 'min per run']
-              + [f"min to {100 * acc:.0f}% val" for acc in marks] + ['img/s', 'device'])
+              + [f"min to {100 * acc:.0f}% val" for acc in marks] + ['compute (TFLOP)', 'img/s', 'device'])
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for run in ordered(set(by_run) | {r for r, ms in failed.items() if ms}):
         ms = by_run.get(run, [])
@@ -564,7 +585,7 @@ def dataset_table(dataset, by_run, failed, tags):
                       cell([stat(m, 'attn_focus') for m in ms], 3), str(len(ms)), failed_cell(ms, failed.get(run, [])),
                       f"{np.mean([m['history'][-1]['time_s'] / len(m['history']) for m in ms]):.1f}",
                       mean_std([m['train_time_s'] / 60 for m in ms], 1)] + [minutes_to(ms, acc) for acc in marks]
-                     + [f"{np.mean([m['images_per_s'] for m in ms]):,.0f}",
+                     + [compute_cell(ms), f"{np.mean([m['images_per_s'] for m in ms]):,.0f}",
                         ', '.join(sorted({machine(m) for m in ms}))])
         lines.append(f"| {label(run, tags)} | " + ' | '.join(cells) + ' |')
     return lines
@@ -728,6 +749,84 @@ def quant_figure(dataset, by_run, tags, path):
     plt.close(fig)
 
 
+def axis_points(sections, study, reference):
+    """{run: its runs} of one panel of an axis figure: the axis study's runs and the reference study's (the default
+    setting), each at its chosen rate, of AXIS_VARIANTS."""
+    return {r: ms for (s, _), by_run in sections.items() if s in (study, reference) for r, ms in by_run.items()
+            if variant(r) in AXIS_VARIANTS}
+
+
+def size_equivalence(runs, x_of):
+    """Lines that place every differential point on classic's accuracy curve: a least-squares line of the classic
+    (*_vit) seeds' test accuracy against log10 parameters, read off at the variant's mean and at the ends of the 95%
+    confidence interval of that mean (the fit's own uncertainty is not in the range)."""
+    vit = [m for r, ms in runs.items() if variant(r) == 'vit' for m in ms]
+    if len({x_of(m) for m in vit}) < 2:
+        return []
+    slope, intercept = np.polyfit([math.log10(x_of(m)) for m in vit], [100 * stat(m, 'test_acc') for m in vit], 1)
+    sizes = sorted({x_of(m) for m in vit})
+    lines = [f"Size equivalence: classic's test accuracy = {intercept:.2f} + {slope:.2f} × log10(parameters) "
+             f"(least squares over its {len(vit)} seeds at {len(sizes)} sizes, {sizes[0]:,} to {sizes[-1]:,}; "
+             f"{slope * math.log10(2):+.2f} points a doubling). Each other variant where classic reaches its accuracy "
+             "(at its mean, and at the ends of the mean's 95% CI):", ""]
+    for run in ordered(runs):
+        if variant(run) == 'vit':
+            continue
+        by_x = defaultdict(list)
+        for m in runs[run]:
+            by_x[x_of(m)].append(100 * stat(m, 'test_acc'))
+        for x, accs in sorted(by_x.items()):
+            if len(accs) < 2:
+                lines.append(f"- {run} at {x:,} parameters: {accs[0]:.2f}% from one seed, no interval")
+                continue
+            half = t_quantile(len(accs) - 1, 0.95) * np.std(accs, ddof=1) / math.sqrt(len(accs))
+            at = [10 ** ((acc - intercept) / slope) for acc in (np.mean(accs) - half, np.mean(accs), np.mean(accs) + half)]
+            outside = ' (outside the sizes measured: an extrapolation)' if not sizes[0] <= at[1] <= sizes[-1] else ''
+            lines.append(f"- {run} at {x:,} parameters ({np.mean(accs):.2f}%, 95% CI [{np.mean(accs) - half:.2f}, "
+                         f"{np.mean(accs) + half:.2f}], {seeds(len(accs))}) ≈ classic at {at[1] / 1e6:.3f}M "
+                         f"(range {at[0] / 1e6:.3f}-{at[2] / 1e6:.3f}M), {at[1] / x:.2f}× its size{outside}")
+    return lines
+
+
+def axis_figure(name, panels, path):
+    """Test accuracy against an axis, one panel per dataset, one line per variant: mean ± 1 std over its seeds at each
+    setting (each seed a dot); on the size axis, classic's fit against log parameters as a dashed line."""
+    xlabel, x_of, _ = AXES[name]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels):
+        by_variant = defaultdict(lambda: defaultdict(list))
+        for r, ms in runs.items():
+            for m in ms:
+                by_variant[variant(r)][x_of(m)].append(stat(m, 'test_acc'))
+        colour = colours(by_variant)  # a variant's name is a run name of that variant
+        for v in ordered(by_variant):
+            xs = sorted(by_variant[v])
+            accs = [by_variant[v][x] for x in xs]
+            ax.errorbar(xs, [np.mean(a) for a in accs], yerr=[np.std(a, ddof=1) if len(a) > 1 else 0 for a in accs],
+                        color=colour[v], marker='o', capsize=3,
+                        label=f"{v} ({seeds(len(accs[0])) if len(accs) == 1 else '/'.join(str(len(a)) for a in accs) + ' seeds'})")
+            for x, a in zip(xs, accs):
+                ax.plot([x] * len(a), a, '.', color=colour[v], alpha=0.4)
+        if name == 'size' and len(by_variant['vit']) > 1:
+            xs = np.array(sorted(by_variant['vit']))
+            fit = np.polyfit(np.log10(np.repeat(xs, [len(by_variant['vit'][x]) for x in xs])),
+                             np.concatenate([by_variant['vit'][x] for x in xs]), 1)
+            ax.plot(xs, np.polyval(fit, np.log10(xs)), '--', color=colour['vit'], alpha=0.6, label='vit: fit on log10')
+        ticks = sorted({x for v in by_variant.values() for x in v})
+        ax.set_xscale('log')
+        ax.set_xticks(ticks, [f"{x / 1e6:.2f}M" if name == 'size' else str(x) for x in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_ylabel('test accuracy')
+    fig.suptitle(f"Test accuracy against {xlabel}\nmean ± 1 std over seeds; dots: seeds", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def holm(ps):
     """Holm-Bonferroni adjusted p-values, in the order given: the k-th smallest of m times (m - k + 1), capped at 1
     and never below the one before it."""
@@ -863,6 +962,7 @@ def main(folder):
               "point (two one-sided tests, TOST). Precision and epochs: under a section's heading where its runs "
               "agree on them, else on every row and legend.", ""]
     written = []
+    sections = {}  # (study, dataset): its finished runs at their chosen rates, for the axis figures
     for study, dataset in sorted(runs, key=lambda k: (k[0] != '.', k)):  # the folder's own runs first
         everything = runs[study, dataset]
         figure = {kind: os.path.normpath(os.path.join(study, f'{dataset}_{kind}.png'))  # relative to folder
@@ -881,6 +981,7 @@ def main(folder):
             everything = {r: [m for m in ms if rate(m) == chosen[r]] if r in chosen else ms
                           for r, ms in everything.items()}
         by_run = {r: finished(ms) for r, ms in everything.items() if finished(ms)}
+        sections[study, dataset] = by_run
         failed = {r: [m for m in ms if m['test'] is None] for r, ms in everything.items()}
         tags = run_tags(by_run)
         if by_run and not any(tags.values()):  # the runs agree: say it once
@@ -921,6 +1022,22 @@ def main(folder):
             report.append("")
         written += [os.path.join(folder, figure[kind]) for kind in made]
         report += [f"![{dataset} {FIGURES[kind]}]({figure[kind]})" for kind in made] + [""]
+    axes = {name: [(f"{study}/ (default: {reference}/)", axis_points(sections, study, reference))
+                   for study, reference in AXES[name][2] if any(s == study for s, _ in sections)]
+            for name in AXES}
+    axes = {name: panels for name, panels in axes.items() if panels}
+    if axes:
+        report += ["## When would diff win? Test accuracy along three axes", "",
+                   "Each axis study beside each variant's default setting (its reference study: cifar10_small's n_head "
+                   "8, 0.31M parameters, 64 tokens; cluttered MNIST's 40 × 40 canvas), every run at its chosen rate.",
+                   ""]
+    for name, panels in axes.items():
+        path = os.path.join(folder, f'axis_{name}.png')
+        axis_figure(name, panels, path)
+        written.append(path)
+        if name == 'size':
+            report += size_equivalence(panels[0][1], AXES['size'][1]) + [""]
+        report += [f"![test accuracy against {AXES[name][0]}](axis_{name}.png)", ""]
     text = '\n'.join(report)
     with open(os.path.join(folder, 'README.md.tmp'), 'w') as f:
         f.write(text)

@@ -48,7 +48,7 @@ out_dir = ''  # default: out/<run_name>/seed<seed> (git-ignored); the studies in
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt): give the run's config file and flags again
 overwrite = False  # True: replace the run already in out_dir; without it a run never starts over another
 log_interval = 100  # steps between progress lines (and one at least every 30 s)
-analyses = 'outliers,attention'  # eval.py's, after the test set: outliers, attention, noise, lambda, quant (noise and quant: minutes on CIFAR-10; the studies run all), 'all', or ''
+analyses = 'outliers,attention'  # eval.py's, after the test set and the compute: outliers, attention, noise, lambda, quant (noise and quant: minutes on CIFAR-10; the studies run all), 'all', or ''
 wandb_log = False  # True: the config, progress lines, epochs and analyses to Weights & Biases too (pip install wandb)
 wandb_project = 'nanodiffvision'  # the W&B project of the runs
 wandb_run_name = ''  # the W&B run's name; default: <run_name>_seed<seed>
@@ -131,7 +131,7 @@ if wandb_log:  # imported only when asked for, as in nanoGPT: wandb is no requir
 config = {k: globals()[k] for k in config_keys}
 try:
     model_args = model_config(config)
-    final_analyses = ('test',) + parse_analyses(analyses)
+    final_analyses = ('test', 'compute') + parse_analyses(analyses)
 except ValueError as e:
     fail(e)
 

@@ -15,7 +15,7 @@ from conftest import ROOT, TINY, one_line_error, run_forked, run_train_fast, syn
 from data import (CORRUPTIONS, DATASETS, box_patches, cluttered_mnist, corrupt, load_dataset, noise_draws,
                   patch_mask)
 from eval import QUANT_BITS, evaluate, fake_quantize, lambda_stats, model_config, quantized_accuracy
-from model import ViT, ViTConfig, lambda_init_fn
+from model import ViT, ViTConfig, flops_per_image, lambda_init_fn
 
 
 def grey_test_set(n=200, shape=(3, 32, 32), seed=0):
@@ -161,6 +161,8 @@ def test_eval_reproduces_a_run_from_its_weights_alone(small_data_dir, trained, t
     assert first['history'][-1]['lambda'] == first['lambda']['layers']
     assert {k: list(v) for k, v in first['quant'].items()} == {k: [str(b) for b in QUANT_BITS]
                                                                for k in ('logits', 'residual')}
+    assert first['flops_per_image'] == trained_metrics['flops_per_image'] == flops_per_image(
+        model_config(first['config']))  # train.py records it too
     run_forked('eval.py', tmp_path, f'--data_dir={small_data_dir}', '--only=noise')
     assert read(tmp_path) == first
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import ROOT, train_defaults
 from configurator import configure
 from eval import model_config
-from model import ATTENTIONS, Attention, ViT, ViTConfig, attention_focus, lambda_init_fn
+from model import ATTENTIONS, Attention, ViT, ViTConfig, attention_focus, flops_per_image, lambda_init_fn
 
 
 def model_config_of(config_path):
@@ -349,3 +349,19 @@ def test_quantize_logits_acts_on_every_map_of_a_layer_before_the_softmax(attenti
         elif attention == 'diff':  # softmax1 − λ softmax2, both uniform
             torch.testing.assert_close(m, torch.full_like(m, (1 - block.attn.lambda_full().item()) / 17))
     assert not torch.allclose(model(x), plain)
+
+
+@pytest.mark.parametrize('attention', ['classic', 'diff'])
+def test_flops_per_image_counts_a_block_by_hand_and_keeps_the_random_state(attention):
+    """A block of width d, MLP m and T tokens: forward T (8 d² + 4 d m) for the projections and the MLP, 4 T² d for QKᵀ
+    and AV (diff's two half-width maps count as classic's one), the backward twice that. d 16, m 32, T 5: 66,240."""
+    def config(n_layer):
+        return ViTConfig(image_size=8, in_channels=1, num_classes=10, patch_size=4, n_layer=n_layer, n_head=2,
+                         n_embd=16, mlp_dim=32, dropout=0.0, attention=attention)
+    d, m, T = 16, 32, (8 // 4) ** 2 + 1
+    torch.manual_seed(0)
+    block = flops_per_image(config(2)) - flops_per_image(config(1))
+    assert block == 3 * (T * (8 * d * d + 4 * d * m) + 4 * T * T * d) == 66_240
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))  # a training run's random stream does not move

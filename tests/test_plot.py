@@ -86,6 +86,7 @@ def test_figures_and_table(results, capsys, monkeypatch):
     assert vit[3] == '96.75 ± 1.00'  # last epoch's val acc (%): what the learning rate is chosen on
     assert vit[6] == '–'  # clean training accuracy: these runs predate it
     assert vit[7] == '0.490 ± 0.005' and vit[8] == '3' and vit[9] == '0' and vit[10] == '2.0' and vit[11] == '0.1 ± 0.0'
+    assert vit[12] == '–'  # training compute: these runs predate it
     assert 'min to 70% val' not in table  # MNIST reaches it in the first epoch: only CIFAR-10 reports it
     assert '95.51' in table  # the old project's table sits beside ours
     assert table.count('(https://github.com/eithannak29/NanoDiffVision)') == 1  # named and linked once
@@ -600,6 +601,16 @@ def test_failed_runs_are_counted_never_dropped(tmp_path, capsys):
     assert (tmp_path / 'mnist_val_loss.png').exists()  # the failed runs' shorter histories are not in the curves
 
 
+def test_training_compute_is_flops_per_image_times_images_seen(tmp_path):
+    """40 steps of a global batch of 64 at 1 GFLOP an image: 2.56 TFLOP; the mean over seeds."""
+    for seed in range(2):
+        write_run(str(tmp_path), 'cifar10', 'small_vit', seed, 0.7, attention=False, settings=dict(batch_size=64),
+                  flops_per_image=1e9 * (1 + seed))
+    plot.main(str(tmp_path))
+    row = table_rows((tmp_path / 'README.md').read_text(), 'params')['cifar10_small_vit']
+    assert row['compute (TFLOP)'] == '3.8'  # (2.56 + 5.12) / 2
+
+
 def test_clean_training_accuracy_column(tmp_path):
     for seed, clean in enumerate((0.90, 0.92)):
         write_run(str(tmp_path), 'mnist', 'vit', seed, 0.97, attention=False, clean_acc=clean)
@@ -768,3 +779,41 @@ def test_rerun_rewrites_every_file_byte_for_byte(tmp_path):
     assert len(before) == 6  # README.md, the sweep, two curves, attention and noise figures
     plot.main(str(tmp_path))
     assert {p: p.read_bytes() for p in outputs} == before
+
+
+def test_axis_figures_and_the_size_equivalence(tmp_path, monkeypatch):
+    """The axis studies of "when would diff win?" get one figure each, with the default setting from the reference
+    study, and the size axis places diff on classic's fit against log parameters: classic at 10^(4 + 10 a) for a test
+    accuracy a here, so diff at 0.65 sits at 10^10.5."""
+    sizes = {'e48': 100_000, 'e96': 1_000_000}
+    for seed in range(2):
+        for setting, params in sizes.items():
+            acc = (np.log10(params) - 4) / 10 + 0.001 * (seed - 0.5)  # the fit is exact through the seeds' means
+            write_run(str(tmp_path / 'cifar10_small_size'), 'cifar10', f'small_{setting}_vit', seed, acc,
+                      attention=False, settings=dict(n_embd=int(setting[1:])), params=params)
+        write_run(str(tmp_path / 'lr_sweep'), 'cifar10', 'small_diff', seed, 0.25 + 0.01 * (seed - 0.5),
+                  attention=False, settings=dict(attention='diff', n_embd=96, n_head=8), params=311_626)
+        write_run(str(tmp_path / 'lr_sweep'), 'cifar10', 'small_diffqk', seed, 0.3, attention=False,
+                  settings=dict(n_embd=96, n_head=8))  # not a variant the axes follow
+        if seed == 0:
+            write_run(str(tmp_path / 'lr_sweep'), 'cifar10', 'small_diff2', seed, 0.25, attention=False,
+                      settings=dict(attention='diff2', n_embd=96, n_head=8), params=351_658)
+        write_run(str(tmp_path / 'cifar10_small_heads'), 'cifar10', 'small_h4_vit', seed, 0.7, attention=False,
+                  settings=dict(n_embd=96, n_head=4))
+    figures = captured_figures(monkeypatch)
+    plot.main(str(tmp_path))
+    text = (tmp_path / 'README.md').read_text()
+    assert '![test accuracy against parameters](axis_size.png)' in text
+    assert '![test accuracy against head width (n_embd / n_head)](axis_head_width.png)' in text
+    assert 'axis_tokens.png' not in text  # no tokens study here
+    line = next(line for line in text.splitlines() if line.startswith('- cifar10_small_diff at'))
+    assert '≈ classic at 3.162M' in line and '25.00%' in line, line  # 10^(4 + 2.5) = 3.162M
+    assert 'an extrapolation' in line  # beyond the 1M measured
+    assert '- cifar10_small_diff2 at 351,658 parameters: 25.00% from one seed, no interval' in text
+    size = next(f for f in figures if 'parameters' in f.axes[0].get_xlabel())
+    labels = [t.get_text() for t in size.axes[0].get_legend().get_texts()]
+    assert {'vit (2/2 seeds)', 'diff (2 seeds)', 'diff2 (1 seed)', 'vit: fit on log10'} == set(labels)
+    heads = next(f for f in figures if 'head width' in f.axes[0].get_xlabel())
+    assert [t.get_text() for t in heads.axes[0].get_xticklabels()] == ['12', '24']  # the default 96 / 8 and 96 / 4
+    heads_labels = [t.get_text() for t in heads.axes[0].get_legend().get_texts()]
+    assert heads_labels == ['vit (2 seeds)', 'diff (2 seeds)', 'diff2 (1 seed)']  # no diffqk
