@@ -46,6 +46,9 @@ DATASETS = {
 # cluttered MNIST on a 56 x 56 canvas (196 patches of 4 x 4), with as many fragments per area: 8-16
 DATASETS['mnist_cluttered56'] = dict(DATASETS['mnist_cluttered'], shape=(1, 56, 56), mean=(0.1071,), std=(0.2859,),
                                      fragments=(8, 16))
+# and on an 80 x 80 canvas (400 patches), 16-32 fragments: a GPU run (queue/gpu.txt)
+DATASETS['mnist_cluttered80'] = dict(DATASETS['mnist_cluttered'], shape=(1, 80, 80), mean=(0.0909,), std=(0.2661,),
+                                     fragments=(16, 32))
 SPLIT_SEED = 42  # the train/val split is the same for every run and every seed
 # a patch is foreground ("ink") when its raw mean pixel value exceeds this fraction of 255; used by the
 # attention-focus measure on MNIST and FashionMNIST (black backgrounds, bright objects)

@@ -85,7 +85,8 @@ FIGURES = {'lr_sweep': 'learning-rate sweep', 'val_loss': 'validation loss', 'va
 # the studies of "when would diff win?": one figure each of test accuracy against an axis, x label, x of a run, and its
 # panels: (the axis study, the study holding each variant's default setting, e.g. lr_sweep's cifar10_small_vit at
 # n_head 8 with its chosen rate). The pixels a side of each dataset's images, for the number of tokens
-IMAGE_SIZE = {'mnist': 28, 'fashionmnist': 28, 'cifar10': 32, 'mnist_cluttered': 40, 'mnist_cluttered56': 56}
+IMAGE_SIZE = {'mnist': 28, 'fashionmnist': 28, 'cifar10': 32, 'mnist_cluttered': 40, 'mnist_cluttered56': 56,
+              'mnist_cluttered80': 80}
 AXES = {
     'head_width': ('head width (n_embd / n_head)', lambda m: m['config']['n_embd'] // m['config']['n_head'],
                    (('cifar10_small_heads', 'lr_sweep'),)),

@@ -100,7 +100,7 @@ def test_box_patches_are_the_patches_whose_centre_is_inside():
     assert mask[2].all()
 
 
-@pytest.mark.parametrize('name,size', [('mnist_cluttered', 40), ('mnist_cluttered56', 56)])
+@pytest.mark.parametrize('name,size', [('mnist_cluttered', 40), ('mnist_cluttered56', 56), ('mnist_cluttered80', 80)])
 def test_cluttered_dataset_loads_with_boxes(data_dir, name, size):
     splits = load_dataset(name, data_dir)
     for split in ('train', 'val', 'test'):
@@ -112,17 +112,19 @@ def test_cluttered_dataset_loads_with_boxes(data_dir, name, size):
 
 
 def test_a_larger_canvas_keeps_the_clutter_per_area():
-    """56 x 56 with 8-16 fragments against 40 x 40 with 4-8: about as much clutter ink per pixel (196 / 100 patches)."""
+    """56 x 56 with 8-16 fragments and 80 x 80 with 16-32 against 40 x 40 with 4-8: about as much clutter ink per
+    pixel (196 and 400 patches against 100)."""
     digits = torch.zeros(2000, 1, 28, 28, dtype=torch.uint8)
     digits[:, :, 4:24, 4:24] = 255  # fragments come from the centre: all ink
     clutter = []  # the share of the pixels outside the digit's box that fragments cover
-    for canvas, fragments in ((40, (4, 8)), (56, (8, 16))):
+    for canvas, fragments in ((40, (4, 8)), (56, (8, 16)), (80, (16, 32))):
         x, boxes = cluttered_mnist(digits, 0, canvas=canvas, fragments=fragments)
         outside = torch.ones_like(x[:, 0], dtype=torch.bool)
         for mask, (top, left, bottom, right) in zip(outside, boxes.tolist()):
             mask[top:bottom, left:right] = False
         clutter.append((x[:, 0] == 255)[outside].float().mean().item())
     assert clutter[1] == pytest.approx(clutter[0], rel=0.15)  # 0.18 and 0.21: the 40 canvas loses more to overlaps
+    assert clutter[2] == pytest.approx(clutter[1], rel=0.05)  # 0.21
 
 
 @pytest.fixture(scope='module')
