@@ -757,14 +757,24 @@ def axis_points(sections, study, reference):
             if variant(r) in AXIS_VARIANTS}
 
 
-def size_equivalence(runs, x_of):
-    """Lines that place every differential point on classic's accuracy curve: a least-squares line of the classic
-    (*_vit) seeds' test accuracy against log10 parameters, read off at the variant's mean and at the ends of the 95%
-    confidence interval of that mean (the fit's own uncertainty is not in the range)."""
+def classic_fit(runs, x_of):
+    """(slope, intercept): a least-squares line of the classic (*_vit) seeds' test accuracy (%) against log10 of the
+    axis; None where they have fewer than two settings."""
     vit = [m for r, ms in runs.items() if variant(r) == 'vit' for m in ms]
     if len({x_of(m) for m in vit}) < 2:
+        return None
+    return np.polyfit([math.log10(x_of(m)) for m in vit], [100 * stat(m, 'test_acc') for m in vit], 1)
+
+
+def size_equivalence(runs, x_of):
+    """Lines that place every other variant on classic's accuracy curve (classic_fit against parameters), read off at
+    the variant's mean and at the ends of the 95% confidence interval of that mean (the fit's own uncertainty is not
+    in the range)."""
+    fit = classic_fit(runs, x_of)
+    if fit is None:
         return []
-    slope, intercept = np.polyfit([math.log10(x_of(m)) for m in vit], [100 * stat(m, 'test_acc') for m in vit], 1)
+    slope, intercept = fit
+    vit = [m for r, ms in runs.items() if variant(r) == 'vit' for m in ms]
     sizes = sorted({x_of(m) for m in vit})
     lines = [f"Size equivalence: classic's test accuracy = {intercept:.2f} + {slope:.2f} × log10(parameters) "
              f"(least squares over its {len(vit)} seeds at {len(sizes)} sizes, {sizes[0]:,} to {sizes[-1]:,}; "
@@ -780,12 +790,13 @@ def size_equivalence(runs, x_of):
             if len(accs) < 2:
                 lines.append(f"- {run} at {x:,} parameters: {accs[0]:.2f}% from one seed, no interval")
                 continue
+            mean = np.mean(accs)
             half = t_quantile(len(accs) - 1, 0.95) * np.std(accs, ddof=1) / math.sqrt(len(accs))
-            at = [10 ** ((acc - intercept) / slope) for acc in (np.mean(accs) - half, np.mean(accs), np.mean(accs) + half)]
-            outside = ' (outside the sizes measured: an extrapolation)' if not sizes[0] <= at[1] <= sizes[-1] else ''
-            lines.append(f"- {run} at {x:,} parameters ({np.mean(accs):.2f}%, 95% CI [{np.mean(accs) - half:.2f}, "
-                         f"{np.mean(accs) + half:.2f}], {seeds(len(accs))}) ≈ classic at {at[1] / 1e6:.3f}M "
-                         f"(range {at[0] / 1e6:.3f}-{at[2] / 1e6:.3f}M), {at[1] / x:.2f}× its size{outside}")
+            low, at, high = (10 ** ((acc - intercept) / slope) for acc in (mean - half, mean, mean + half))
+            outside = ' (outside the sizes measured: an extrapolation)' if not sizes[0] <= at <= sizes[-1] else ''
+            lines.append(f"- {run} at {x:,} parameters ({mean:.2f}%, 95% CI [{mean - half:.2f}, {mean + half:.2f}], "
+                         f"{seeds(len(accs))}) ≈ classic at {at / 1e6:.3f}M (range {low / 1e6:.3f}-{high / 1e6:.3f}M), "
+                         f"{at / x:.2f}× its size{outside}")
     return lines
 
 
@@ -798,20 +809,19 @@ def axis_figure(name, panels, path):
         by_variant = defaultdict(lambda: defaultdict(list))
         for r, ms in runs.items():
             for m in ms:
-                by_variant[variant(r)][x_of(m)].append(stat(m, 'test_acc'))
+                by_variant[variant(r)][x_of(m)].append(100 * stat(m, 'test_acc'))
         colour = colours(by_variant)  # a variant's name is a run name of that variant
         for v in ordered(by_variant):
             xs = sorted(by_variant[v])
             accs = [by_variant[v][x] for x in xs]
+            counts = seeds(len(accs[0])) if len(accs) == 1 else '/'.join(str(len(a)) for a in accs) + ' seeds'
             ax.errorbar(xs, [np.mean(a) for a in accs], yerr=[np.std(a, ddof=1) if len(a) > 1 else 0 for a in accs],
-                        color=colour[v], marker='o', capsize=3,
-                        label=f"{v} ({seeds(len(accs[0])) if len(accs) == 1 else '/'.join(str(len(a)) for a in accs) + ' seeds'})")
+                        color=colour[v], marker='o', capsize=3, label=f"{v} ({counts})")
             for x, a in zip(xs, accs):
                 ax.plot([x] * len(a), a, '.', color=colour[v], alpha=0.4)
-        if name == 'size' and len(by_variant['vit']) > 1:
-            xs = np.array(sorted(by_variant['vit']))
-            fit = np.polyfit(np.log10(np.repeat(xs, [len(by_variant['vit'][x]) for x in xs])),
-                             np.concatenate([by_variant['vit'][x] for x in xs]), 1)
+        fit = classic_fit(runs, x_of) if name == 'size' else None
+        if fit is not None:
+            xs = sorted(by_variant['vit'])
             ax.plot(xs, np.polyval(fit, np.log10(xs)), '--', color=colour['vit'], alpha=0.6, label='vit: fit on log10')
         ticks = sorted({x for v in by_variant.values() for x in v})
         ax.set_xscale('log')
@@ -821,7 +831,7 @@ def axis_figure(name, panels, path):
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0, 0].set_ylabel('test accuracy')
+    axes[0, 0].set_ylabel('test accuracy (%)')
     fig.suptitle(f"Test accuracy against {xlabel}\nmean ± 1 std over seeds; dots: seeds", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
