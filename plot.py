@@ -665,10 +665,10 @@ def lambda_table(by_run, tags):
             lam = m['lambda']
             spread = [layers(lam[k], 2) if k in lam else '–' for k in ('p10', 'p90', 'below_0.1')]
             focus = [cell([stat(m, k)], 3) for k in ('attn_focus', 'attn_focus_pos')]
-            lines.append(f"| {label(run, tags)} | {m['seed']} | {layers(lam['layers'])} | {min(lam['layers']):.3f} | "
+            lines.append(f"| {label(run, tags)} | {m['seed']} | {layers(lam['layers'])} | {stat(m, 'lambda_min'):.3f} | "
                          + ' | '.join(spread) + f" | {100 * stat(m, 'test_acc'):.2f} | " + ' | '.join(focus) + " |")
             if m['config']['attention'] == 'diff':
-                crossed.append(min(lam['layers']) <= 0)
+                crossed.append(stat(m, 'lambda_min') <= 0)
     if crossed:
         lines += ["", f"diff runs with a layer at λ ≤ 0 (that layer adds its two maps): {sum(crossed)} of {len(crossed)}"]
     return lines
