@@ -813,6 +813,8 @@ def test_axis_figures_and_the_size_equivalence(tmp_path, monkeypatch):
     size = next(f for f in figures if 'parameters' in f.axes[0].get_xlabel())
     labels = [t.get_text() for t in size.axes[0].get_legend().get_texts()]
     assert {'vit (2/2 seeds)', 'diff (2 seeds)', 'diff2 (1 seed)', 'vit: fit on log10'} == set(labels)
+    # diff2's 0.35M would overprint diff's 0.31M: a tick needs 1.25x the one before
+    assert [t.get_text() for t in size.axes[0].get_xticklabels()] == ['0.10M', '0.31M', '1.00M']
     heads = next(f for f in figures if 'head width' in f.axes[0].get_xlabel())
     assert [t.get_text() for t in heads.axes[0].get_xticklabels()] == ['12', '24']  # the default 96 / 8 and 96 / 4
     heads_labels = [t.get_text() for t in heads.axes[0].get_legend().get_texts()]
