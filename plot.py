@@ -766,20 +766,37 @@ def classic_fit(runs, x_of):
     return np.polyfit([math.log10(x_of(m)) for m in vit], [100 * stat(m, 'test_acc') for m in vit], 1)
 
 
+def on_curve(acc, sizes, means):
+    """The size at which classic's curve, its means at each size joined by straight lines in log10 size, reaches a
+    test accuracy; beyond its ends, along its first or last segment."""
+    i = min(max(int(np.searchsorted(means, acc)), 1), len(means) - 1)
+    logs = np.log10(sizes)
+    return 10 ** (logs[i - 1] + (acc - means[i - 1]) * (logs[i] - logs[i - 1]) / (means[i] - means[i - 1]))
+
+
 def size_equivalence(runs, x_of):
-    """Lines that place every other variant on classic's accuracy curve (classic_fit against parameters), read off at
-    the variant's mean and at the ends of the 95% confidence interval of that mean (the fit's own uncertainty is not
-    in the range)."""
+    """Lines that place every other variant on classic's accuracy curve against parameters, read off at the variant's
+    mean and at the ends of the 95% confidence interval of that mean (classic's own seed spread is not in the range):
+    on the curve through classic's means (on_curve), which follows a bend, and on classic_fit's straight line."""
     fit = classic_fit(runs, x_of)
     if fit is None:
         return []
     slope, intercept = fit
-    vit = [m for r, ms in runs.items() if variant(r) == 'vit' for m in ms]
-    sizes = sorted({x_of(m) for m in vit})
-    lines = [f"Size equivalence: classic's test accuracy = {intercept:.2f} + {slope:.2f} × log10(parameters) "
-             f"(least squares over its {len(vit)} seeds at {len(sizes)} sizes, {sizes[0]:,} to {sizes[-1]:,}; "
-             f"{slope * math.log10(2):+.2f} points a doubling). Each other variant where classic reaches its accuracy "
-             "(at its mean, and at the ends of the mean's 95% CI):", ""]
+    by_size = defaultdict(list)
+    for r, ms in runs.items():
+        if variant(r) == 'vit':
+            for m in ms:
+                by_size[x_of(m)].append(100 * stat(m, 'test_acc'))
+    sizes = sorted(by_size)
+    means = [np.mean(by_size[x]) for x in sizes]
+    rising = all(a < b for a, b in zip(means, means[1:]))
+    lines = [f"Size equivalence: classic's mean test accuracy at {len(sizes)} sizes: "
+             + ', '.join(f"{x:,} {mean:.2f}% ({seeds(len(by_size[x]))})" for x, mean in zip(sizes, means))
+             + f". Its least-squares line: {intercept:.2f} + {slope:.2f} × log10(parameters) "
+             f"({slope * math.log10(2):+.2f} points a doubling). Each other variant where classic reaches its accuracy "
+             "(at its mean, and at the ends of the mean's 95% CI), on classic's curve (its means joined in log "
+             "parameters)" + (" and on the line:" if rising else ": none, its means do not rise with size; on the "
+                              "line:"), ""]
     for run in ordered(runs):
         if variant(run) == 'vit':
             continue
@@ -792,11 +809,16 @@ def size_equivalence(runs, x_of):
                 continue
             mean = np.mean(accs)
             half = t_quantile(len(accs) - 1, 0.95) * np.std(accs, ddof=1) / math.sqrt(len(accs))
-            low, at, high = (10 ** ((acc - intercept) / slope) for acc in (mean - half, mean, mean + half))
-            outside = ' (outside the sizes measured: an extrapolation)' if not sizes[0] <= at <= sizes[-1] else ''
+            readings = [('line', [10 ** ((acc - intercept) / slope) for acc in (mean - half, mean, mean + half)])]
+            if rising:
+                readings.insert(0, ('curve', [on_curve(acc, sizes, means) for acc in (mean - half, mean, mean + half)]))
+            said = []
+            for how, (low, at, high) in readings:
+                outside = ', an extrapolation' if not sizes[0] <= at <= sizes[-1] else ''
+                said.append(f"on the {how} ≈ classic at {at / 1e6:.3f}M (range {low / 1e6:.3f}-{high / 1e6:.3f}M), "
+                            f"{at / x:.2f}× its size{outside}")
             lines.append(f"- {run} at {x:,} parameters ({mean:.2f}%, 95% CI [{mean - half:.2f}, {mean + half:.2f}], "
-                         f"{seeds(len(accs))}) ≈ classic at {at / 1e6:.3f}M (range {low / 1e6:.3f}-{high / 1e6:.3f}M), "
-                         f"{at / x:.2f}× its size{outside}")
+                         f"{seeds(len(accs))}): " + '; '.join(said))
     return lines
 
 

@@ -819,3 +819,27 @@ def test_axis_figures_and_the_size_equivalence(tmp_path, monkeypatch):
     assert [t.get_text() for t in heads.axes[0].get_xticklabels()] == ['12', '24']  # the default 96 / 8 and 96 / 4
     heads_labels = [t.get_text() for t in heads.axes[0].get_legend().get_texts()]
     assert heads_labels == ['vit (2 seeds)', 'diff (2 seeds)', 'diff2 (1 seed)']  # no diffqk
+
+
+def test_the_size_equivalence_follows_a_bending_curve():
+    """Classic's accuracy bends (65, 70, 71% at 0.1M, 0.2M, 0.4M): diff at 67.5% lies halfway along the first segment
+    in log size, at 0.1M x 2^0.5 = 0.141M, where the straight line through all three sizes puts it elsewhere; diff2
+    beyond the largest size is read along the last segment, an extrapolation; with means that do not rise there is
+    no reading on the curve."""
+    def runs_at(accs_by_run):
+        return {run: [dict(params=params, test=dict(acc=acc / 100, loss=1.0), history=[dict(val_loss=1.0, val_acc=0.5)])
+                       for params, acc in points]
+                for run, points in accs_by_run.items()}
+    classic = [(100_000, 64.9), (100_000, 65.1), (200_000, 70.0), (200_000, 70.0), (400_000, 71.0), (400_000, 71.0)]
+    runs = runs_at({'small_vit': classic, 'small_diff': [(311_626, 67.4), (311_626, 67.6)],
+                    'small_diff2': [(351_658, 71.9), (351_658, 72.1)]})
+    lines = plot.size_equivalence(runs, lambda m: m['params'])
+    diff = next(line for line in lines if line.startswith('- small_diff at'))
+    assert 'on the curve ≈ classic at 0.141M' in diff and 'on the line ≈ classic at 0.141M' not in diff, diff
+    assert '0.45× its size;' in diff and 'extrapolation' not in diff.split(';')[0]
+    diff2 = next(line for line in lines if line.startswith('- small_diff2 at'))
+    assert 'on the curve ≈ classic at 0.800M' in diff2 and 'an extrapolation;' in diff2, diff2  # 0.4M x 2^1
+    falling = runs_at({'small_vit': [(p, 140 - a) for p, a in classic], 'small_diff': [(311_626, 67.4)] * 2})
+    lines = plot.size_equivalence(falling, lambda m: m['params'])
+    assert "none, its means do not rise with size" in lines[0]
+    assert 'on the curve' not in lines[-1] and 'on the line' in lines[-1]
