@@ -809,9 +809,10 @@ def size_equivalence(runs, x_of):
                 continue
             mean = np.mean(accs)
             half = t_quantile(len(accs) - 1, 0.95) * np.std(accs, ddof=1) / math.sqrt(len(accs))
-            readings = [('line', [10 ** ((acc - intercept) / slope) for acc in (mean - half, mean, mean + half)])]
+            points = (mean - half, mean, mean + half)
+            readings = [('line', [10 ** ((acc - intercept) / slope) for acc in points])]
             if rising:
-                readings.insert(0, ('curve', [on_curve(acc, sizes, means) for acc in (mean - half, mean, mean + half)]))
+                readings.insert(0, ('curve', [on_curve(acc, sizes, means) for acc in points]))
             said = []
             for how, (low, at, high) in readings:
                 outside = ', an extrapolation' if not sizes[0] <= at <= sizes[-1] else ''
