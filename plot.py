@@ -757,10 +757,23 @@ def axis_points(sections, study, reference):
             if variant(r) in AXIS_VARIANTS}
 
 
+def of_variant(runs, v):
+    """Every seed's metrics of the runs of one variant (vit, diff, ...) in {run: its runs}."""
+    return [m for r, ms in runs.items() if variant(r) == v for m in ms]
+
+
+def accuracies_at(ms, x_of):
+    """{axis setting: the test accuracies (%) of the runs there}, settings in increasing order."""
+    by_x = defaultdict(list)
+    for m in ms:
+        by_x[x_of(m)].append(100 * stat(m, 'test_acc'))
+    return dict(sorted(by_x.items()))
+
+
 def classic_fit(runs, x_of):
     """(slope, intercept): a least-squares line of the classic (*_vit) seeds' test accuracy (%) against log10 of the
     axis; None where they have fewer than two settings."""
-    vit = [m for r, ms in runs.items() if variant(r) == 'vit' for m in ms]
+    vit = of_variant(runs, 'vit')
     if len({x_of(m) for m in vit}) < 2:
         return None
     return np.polyfit([math.log10(x_of(m)) for m in vit], [100 * stat(m, 'test_acc') for m in vit], 1)
@@ -782,12 +795,8 @@ def size_equivalence(runs, x_of):
     if fit is None:
         return []
     slope, intercept = fit
-    by_size = defaultdict(list)
-    for r, ms in runs.items():
-        if variant(r) == 'vit':
-            for m in ms:
-                by_size[x_of(m)].append(100 * stat(m, 'test_acc'))
-    sizes = sorted(by_size)
+    by_size = accuracies_at(of_variant(runs, 'vit'), x_of)
+    sizes = list(by_size)
     means = [np.mean(by_size[x]) for x in sizes]
     rising = all(a < b for a, b in zip(means, means[1:]))
     lines = [f"Size equivalence: classic's mean test accuracy at {len(sizes)} sizes: "
@@ -800,10 +809,7 @@ def size_equivalence(runs, x_of):
     for run in ordered(runs):
         if variant(run) == 'vit':
             continue
-        by_x = defaultdict(list)
-        for m in runs[run]:
-            by_x[x_of(m)].append(100 * stat(m, 'test_acc'))
-        for x, accs in sorted(by_x.items()):
+        for x, accs in accuracies_at(runs[run], x_of).items():
             if len(accs) < 2:
                 lines.append(f"- {run} at {x:,} parameters: {accs[0]:.2f}% from one seed, no interval")
                 continue
@@ -829,14 +835,10 @@ def axis_figure(name, panels, path):
     xlabel, x_of, _ = AXES[name]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
     for ax, (title, runs) in zip(axes[0], panels):
-        by_variant = defaultdict(lambda: defaultdict(list))
-        for r, ms in runs.items():
-            for m in ms:
-                by_variant[variant(r)][x_of(m)].append(100 * stat(m, 'test_acc'))
+        by_variant = {v: accuracies_at(of_variant(runs, v), x_of) for v in {variant(r) for r in runs}}
         colour = colours(by_variant)  # a variant's name is a run name of that variant
         for v in ordered(by_variant):
-            xs = sorted(by_variant[v])
-            accs = [by_variant[v][x] for x in xs]
+            xs, accs = list(by_variant[v]), list(by_variant[v].values())
             counts = seeds(len(accs[0])) if len(accs) == 1 else '/'.join(str(len(a)) for a in accs) + ' seeds'
             ax.errorbar(xs, [np.mean(a) for a in accs], yerr=[np.std(a, ddof=1) if len(a) > 1 else 0 for a in accs],
                         color=colour[v], marker='o', capsize=3, label=f"{v} ({counts})")
@@ -844,7 +846,7 @@ def axis_figure(name, panels, path):
                 ax.plot([x] * len(a), a, '.', color=colour[v], alpha=0.4)
         fit = classic_fit(runs, x_of) if name == 'size' else None
         if fit is not None:
-            xs = sorted(by_variant['vit'])
+            xs = list(by_variant['vit'])
             ax.plot(xs, np.polyval(fit, np.log10(xs)), '--', color=colour['vit'], alpha=0.6, label='vit: fit on log10')
         ticks = []
         for x in sorted({x for v in by_variant.values() for x in v}):
