@@ -770,13 +770,23 @@ def accuracies_at(ms, x_of):
     return dict(sorted(by_x.items()))
 
 
+def classic_rise(runs, x_of):
+    """{size: the classic (*_vit) seeds' test accuracies (%) there} for the sizes up to the one with classic's best
+    mean: accuracy is read off the part of classic's curve that rises (beyond its best a larger classic does worse,
+    and an accuracy there would belong to two sizes)."""
+    by_size = accuracies_at(of_variant(runs, 'vit'), x_of)
+    means = [np.mean(accs) for accs in by_size.values()]
+    return dict(list(by_size.items())[:int(np.argmax(means)) + 1]) if by_size else {}
+
+
 def classic_fit(runs, x_of):
-    """(slope, intercept): a least-squares line of the classic (*_vit) seeds' test accuracy (%) against log10 of the
-    axis; None where they have fewer than two settings."""
-    vit = of_variant(runs, 'vit')
-    if len({x_of(m) for m in vit}) < 2:
+    """(slope, intercept): a least-squares line of the classic seeds' test accuracy (%) against log10 of the axis,
+    over classic_rise's sizes; None where that is fewer than two."""
+    rise = classic_rise(runs, x_of)
+    if len(rise) < 2:
         return None
-    return np.polyfit([math.log10(x_of(m)) for m in vit], [100 * stat(m, 'test_acc') for m in vit], 1)
+    return np.polyfit([math.log10(x) for x, accs in rise.items() for _ in accs],
+                      [acc for accs in rise.values() for acc in accs], 1)
 
 
 def on_curve(acc, sizes, means):
@@ -791,17 +801,22 @@ def size_equivalence(runs, x_of):
     """Lines that place every other variant on classic's accuracy curve against parameters, read off at the variant's
     mean and at the ends of the 95% confidence interval of that mean (classic's own seed spread is not in the range):
     on the curve through classic's means (on_curve), which follows a bend, and on classic_fit's straight line."""
+    by_size = accuracies_at(of_variant(runs, 'vit'), x_of)
+    if len(by_size) < 2:
+        return []
+    said = (f"Size equivalence: classic's mean test accuracy at {len(by_size)} sizes: "
+            + ', '.join(f"{x:,} {np.mean(accs):.2f}% ({seeds(len(accs))})" for x, accs in by_size.items()) + ".")
     fit = classic_fit(runs, x_of)
     if fit is None:
-        return []
+        return [f"{said} None: classic does best at its smallest size.", ""]
     slope, intercept = fit
-    by_size = accuracies_at(of_variant(runs, 'vit'), x_of)
-    sizes = list(by_size)
+    sizes = list(classic_rise(runs, x_of))
     means = [np.mean(by_size[x]) for x in sizes]
     rising = all(a < b for a, b in zip(means, means[1:]))
-    lines = [f"Size equivalence: classic's mean test accuracy at {len(sizes)} sizes: "
-             + ', '.join(f"{x:,} {mean:.2f}% ({seeds(len(by_size[x]))})" for x, mean in zip(sizes, means))
-             + f". Its least-squares line: {intercept:.2f} + {slope:.2f} × log10(parameters) "
+    if len(sizes) < len(by_size):
+        said += (f" It does best at {sizes[-1]:,} and worse beyond: what follows reads the sizes up to "
+                 f"{sizes[-1]:,}.")
+    lines = [said + f" Its least-squares line: {intercept:.2f} + {slope:.2f} × log10(parameters) "
              f"({slope * math.log10(2):+.2f} points a doubling). Each other variant where classic reaches its accuracy "
              "(at its mean, and at the ends of the mean's 95% CI), on classic's curve (its means joined in log "
              "parameters)" + (" and on the line:" if rising else ": none, its means do not rise with size; on the "
@@ -831,7 +846,7 @@ def size_equivalence(runs, x_of):
 
 def axis_figure(name, panels, path):
     """Test accuracy against an axis, one panel per dataset, one line per variant: mean ± 1 std over its seeds at each
-    setting (each seed a dot); on the size axis, classic's fit against log parameters as a dashed line."""
+    setting (each seed a dot); on the size axis, classic_fit as a dashed line over the sizes it is fitted on."""
     xlabel, x_of, _ = AXES[name]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
     for ax, (title, runs) in zip(axes[0], panels):
@@ -846,7 +861,7 @@ def axis_figure(name, panels, path):
                 ax.plot([x] * len(a), a, '.', color=colour[v], alpha=0.4)
         fit = classic_fit(runs, x_of) if name == 'size' else None
         if fit is not None:
-            xs = list(by_variant['vit'])
+            xs = list(classic_rise(runs, x_of))
             ax.plot(xs, np.polyval(fit, np.log10(xs)), '--', color=colour['vit'], alpha=0.6, label='vit: fit on log10')
         ticks = []
         for x in sorted({x for v in by_variant.values() for x in v}):

@@ -821,15 +821,18 @@ def test_axis_figures_and_the_size_equivalence(tmp_path, monkeypatch):
     assert heads_labels == ['vit (2 seeds)', 'diff (2 seeds)', 'diff2 (1 seed)']  # no diffqk
 
 
+def runs_at(points_by_run):
+    """{run: a metrics dict per (parameters, test accuracy %) point}: what size_equivalence reads."""
+    return {run: [dict(params=params, test=dict(acc=acc / 100, loss=1.0), history=[dict(val_loss=1.0, val_acc=0.5)])
+                  for params, acc in points]
+            for run, points in points_by_run.items()}
+
+
 def test_the_size_equivalence_follows_a_bending_curve():
     """Classic's accuracy bends (65, 70, 71% at 0.1M, 0.2M, 0.4M): diff at 67.5% lies halfway along the first segment
     in log size, at 0.1M x 2^0.5 = 0.141M, where the straight line through all three sizes puts it elsewhere; diff2
     beyond the largest size is read along the last segment, an extrapolation; with means that do not rise there is
     no reading on the curve."""
-    def runs_at(accs_by_run):
-        return {run: [dict(params=params, test=dict(acc=acc / 100, loss=1.0), history=[dict(val_loss=1.0, val_acc=0.5)])
-                       for params, acc in points]
-                for run, points in accs_by_run.items()}
     classic = [(100_000, 64.9), (100_000, 65.1), (200_000, 70.0), (200_000, 70.0), (400_000, 71.0), (400_000, 71.0)]
     runs = runs_at({'small_vit': classic, 'small_diff': [(311_626, 67.4), (311_626, 67.6)],
                     'small_diff2': [(351_658, 71.9), (351_658, 72.1)]})
@@ -839,7 +842,25 @@ def test_the_size_equivalence_follows_a_bending_curve():
     assert '0.45× its size;' in diff and 'extrapolation' not in diff.split(';')[0]
     diff2 = next(line for line in lines if line.startswith('- small_diff2 at'))
     assert 'on the curve ≈ classic at 0.800M' in diff2 and 'an extrapolation;' in diff2, diff2  # 0.4M x 2^1
-    falling = runs_at({'small_vit': [(p, 140 - a) for p, a in classic], 'small_diff': [(311_626, 67.4)] * 2})
-    lines = plot.size_equivalence(falling, lambda m: m['params'])
+    dipping = runs_at({'small_vit': [(p, a if p != 200_000 else 72.0) for p, a in classic] + [(800_000, 75.0)] * 2,
+                       'small_diff': [(311_626, 67.4)] * 2})
+    lines = plot.size_equivalence(dipping, lambda m: m['params'])
     assert "none, its means do not rise with size" in lines[0]
     assert 'on the curve' not in lines[-1] and 'on the line' in lines[-1]
+    falling = runs_at({'small_vit': [(p, 140 - a) for p, a in classic], 'small_diff': [(311_626, 67.4)] * 2})
+    assert plot.size_equivalence(falling, lambda m: m['params'])[0].endswith("None: classic does best at its "
+                                                                             "smallest size.")
+
+
+def test_the_size_equivalence_reads_classic_up_to_its_best_size():
+    """A larger classic that does worse (68% at 0.8M, after 65, 70, 71% at 0.1M, 0.2M, 0.4M) leaves the readings as
+    they were without it: an accuracy below the peak belongs to the rising part, and the line is fitted there."""
+    classic = [(100_000, 65.0), (200_000, 70.0), (400_000, 71.0)] * 2
+    diff = [(311_626, 67.4), (311_626, 67.6)]
+    without = plot.size_equivalence(runs_at({'small_vit': classic, 'small_diff': diff}), lambda m: m['params'])
+    runs = runs_at({'small_vit': classic + [(800_000, 68.0)] * 2, 'small_diff': diff})
+    lines = plot.size_equivalence(runs, lambda m: m['params'])
+    assert '800,000 68.00% (2 seeds)' in lines[0] and 'does best at 400,000 and worse beyond' in lines[0], lines[0]
+    assert lines[-1] == without[-1] and 'on the curve ≈ classic at 0.141M' in lines[-1], lines[-1]
+    assert np.allclose(plot.classic_fit(runs, lambda m: m['params']),
+                       np.polyfit(np.log10([100_000, 200_000, 400_000] * 2), [65.0, 70.0, 71.0] * 2, 1))
