@@ -770,19 +770,17 @@ def accuracies_at(ms, x_of):
     return dict(sorted(by_x.items()))
 
 
-def classic_rise(runs, x_of):
-    """{size: the classic (*_vit) seeds' test accuracies (%) there} for the sizes up to the one with classic's best
-    mean: accuracy is read off the part of classic's curve that rises (beyond its best a larger classic does worse,
-    and an accuracy there would belong to two sizes)."""
-    by_size = accuracies_at(of_variant(runs, 'vit'), x_of)
+def classic_rise(by_size):
+    """classic's {size: test accuracies (%)} (accuracies_at) up to the size of its best mean: accuracy is read off the
+    part of classic's curve that rises (beyond its best a larger classic does worse, and an accuracy there would
+    belong to two sizes)."""
     means = [np.mean(accs) for accs in by_size.values()]
     return dict(list(by_size.items())[:int(np.argmax(means)) + 1]) if by_size else {}
 
 
-def classic_fit(runs, x_of):
+def classic_fit(rise):
     """(slope, intercept): a least-squares line of the classic seeds' test accuracy (%) against log10 of the axis,
     over classic_rise's sizes; None where that is fewer than two."""
-    rise = classic_rise(runs, x_of)
     if len(rise) < 2:
         return None
     return np.polyfit([math.log10(x) for x, accs in rise.items() for _ in accs],
@@ -806,11 +804,12 @@ def size_equivalence(runs, x_of):
         return []
     said = (f"Size equivalence: classic's mean test accuracy at {len(by_size)} sizes: "
             + ', '.join(f"{x:,} {np.mean(accs):.2f}% ({seeds(len(accs))})" for x, accs in by_size.items()) + ".")
-    fit = classic_fit(runs, x_of)
+    rise = classic_rise(by_size)
+    sizes = list(rise)
+    fit = classic_fit(rise)
     if fit is None:
         return [f"{said} None: classic does best at its smallest size.", ""]
     slope, intercept = fit
-    sizes = list(classic_rise(runs, x_of))
     means = [np.mean(by_size[x]) for x in sizes]
     rising = all(a < b for a, b in zip(means, means[1:]))
     if len(sizes) < len(by_size):
@@ -859,9 +858,10 @@ def axis_figure(name, panels, path):
                         color=colour[v], marker='o', capsize=3, label=f"{v} ({counts})")
             for x, a in zip(xs, accs):
                 ax.plot([x] * len(a), a, '.', color=colour[v], alpha=0.4)
-        fit = classic_fit(runs, x_of) if name == 'size' else None
+        rise = classic_rise(by_variant.get('vit', {})) if name == 'size' else {}
+        fit = classic_fit(rise)
         if fit is not None:
-            xs = list(classic_rise(runs, x_of))
+            xs = list(rise)
             ax.plot(xs, np.polyval(fit, np.log10(xs)), '--', color=colour['vit'], alpha=0.6, label='vit: fit on log10')
         ticks = []
         for x in sorted({x for v in by_variant.values() for x in v}):
