@@ -224,9 +224,10 @@ def variant(run_name):
 
 
 def ordered(runs):
-    """Run names in the order of COLORS' variants, then any other by name."""
+    """Run names in the order of COLORS' variants, then any other; by name, numbers by value (e48 before e144)."""
     order = list(COLORS)
-    return sorted(runs, key=lambda r: (order.index(variant(r)) if variant(r) in order else len(order), r))
+    return sorted(runs, key=lambda r: (order.index(variant(r)) if variant(r) in order else len(order),
+                                       [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', r)]))
 
 
 def colours(runs):

@@ -440,6 +440,12 @@ def test_new_variants_order_colours_signed_maps_and_comparisons(tmp_path, monkey
                            'vitqk\nseed 0']  # and the colour bar's
 
 
+def test_runs_of_a_variant_order_their_numbers_by_value():
+    runs = ['cifar10_small_e144_vit', 'cifar10_small_e48_diff', 'cifar10_small_e48_vit', 'cifar10_small_e72_vit']
+    assert plot.ordered(runs) == ['cifar10_small_e48_vit', 'cifar10_small_e72_vit', 'cifar10_small_e144_vit',
+                                  'cifar10_small_e48_diff']
+
+
 def test_precision_and_epochs_are_named_where_they_differ(tmp_path, monkeypatch):
     outliers = {k: dict(top1=5.0, top10=4.0, median=0.5) for k in ('attn_logits', 'activations')}
     for seed in range(2):
